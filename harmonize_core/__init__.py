@@ -1,0 +1,20 @@
+"""Deep Painterly Harmonization (Luan et al. 2018) in PyTorch, faithful to the authors' code.
+
+Pure functions on tensors: no orchestration, no storage. Three lines harmonize one item::
+
+    from harmonize_core import harmonize, load_item, preset
+    content, style, mask = load_item("naive.jpg", "painting.jpg", "mask.jpg")
+    outputs = harmonize(content, style, mask, preset("quick"))   # {stage: StageOutput(image, metrics)}
+"""
+
+__version__ = "0.1.0"
+
+from .config import HarmonizeConfig, apply_overrides, preset  # noqa: E402
+from .errors import HarmonizeError, InputError, WeightsUnavailableError  # noqa: E402
+from .io import load_item, save_outputs  # noqa: E402
+from .stages import STAGES, Iterate, StageOutput, harmonize  # noqa: E402
+
+__all__ = [
+    "HarmonizeConfig", "HarmonizeError", "InputError", "Iterate", "STAGES", "StageOutput",
+    "WeightsUnavailableError", "apply_overrides", "harmonize", "load_item", "preset", "save_outputs",
+]

@@ -1,0 +1,98 @@
+"""``harmonize one``: run dilate, pass 1, blend, pass 2 and reconstruct on one item with no orchestration.
+
+The config flags are derived from ``config.OVERRIDE_FIELDS`` and the dataclass fields' help text, so the CLI, the
+flow parameters and the manifest columns share one set of names and defaults. ``flows.cli`` mounts these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import sys
+import time
+from pathlib import Path
+
+from .config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, preset
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _field_help(dotted: str) -> str:
+    section_name, field_name = dotted.split(".")
+    section = getattr(HarmonizeConfig(), section_name)
+    meta = {f.name: f for f in dataclasses.fields(section)}[field_name]
+    return f"{meta.metadata.get('help', '')} (paper default: {getattr(section, field_name)})"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--preset``, ``--device`` and one flag per documented override (``--size``, ``--tau``, ...)."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                       help="paper: 700 px, 1000+1000 iterations, VGG19; quick: small and fast (default: quick)")
+    group.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
+    for flat, dotted in OVERRIDE_FIELDS.items():
+        flag = "--" + flat.replace("_", "-")
+        group.add_argument(flag, dest=flat, default=None, metavar=flat.split("_")[-1].upper(),
+                           help=_field_help(dotted))
+
+
+def config_from_args(args: argparse.Namespace) -> HarmonizeConfig:
+    """Return the preset with the flags' overrides applied (flags left unset keep the preset's values)."""
+    overrides = {flat: getattr(args, flat, None) for flat in OVERRIDE_FIELDS}
+    return apply_overrides(preset(args.preset), overrides)
+
+
+def add_one_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``one`` subcommand on an argparse subparsers object and return its parser."""
+    parser = subparsers.add_parser(
+        "one", help="harmonize one item from local files (no orchestration)",
+        description="Run dilate, pass 1, blend, pass 2 and reconstruct on one item; write DIR/<stage>.png and "
+                    "DIR/metrics.json.")
+    parser.add_argument("--content", required=True, help="naive composite (the painting with the object pasted in)")
+    parser.add_argument("--style", required=True, help="the painting")
+    parser.add_argument("--mask", required=True, help="tight mask of the pasted object (white = object)")
+    parser.add_argument("--out", required=True, help="output directory")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=run_one)
+    return parser
+
+
+def _print_progress(event) -> None:
+    losses = " ".join(f"{k}={v:.4g}" for k, v in event.losses.items() if k == "total")
+    print(f"  {event.stage} {event.step:>5}/{event.total} {losses} ({event.elapsed:.1f} s)", file=sys.stderr,
+          flush=True)
+
+
+def peak_memory() -> dict[str, float]:
+    """Return peak memory so far: CPU RSS in MiB and, on CUDA, max allocated MiB."""
+    import torch
+
+    peaks = {"cpu_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peaks["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
+
+
+def run_one(args: argparse.Namespace) -> int:
+    """Run ``harmonize one`` and return the exit code (0). ``HarmonizeError`` propagates to the caller."""
+    from .io import load_item, save_outputs
+    from .stages import harmonize
+    from .vgg import load_backbone, resolve_device
+
+    config = config_from_args(args)
+    started = time.perf_counter()
+    content, style, mask = load_item(args.content, args.style, args.mask, config.masks.binarize_threshold)
+    device = resolve_device(args.device)
+    backbone = load_backbone(config.backbone.name, config.backbone.weights, device=device,
+                             ceil_mode=config.backbone.ceil_mode)
+    print(f"harmonize one: {Path(args.content).name} at {config.sizing.size} px on {device} "
+          f"({config.backbone.name}, weights {config.backbone.weights})", file=sys.stderr)
+    outputs = harmonize(content, style, mask, config, backbone=backbone, progress=_print_progress)
+    extra = {"inputs": {"content": str(args.content), "style": str(args.style), "mask": str(args.mask)},
+             "config": config.to_dict(), "device": str(device), "weights_digest": backbone.digest,
+             "seconds_total": round(time.perf_counter() - started, 3), "peak_memory": peak_memory()}
+    path = save_outputs(outputs, args.out, extra)
+    stages = ", ".join(f"{s} {o.metrics['seconds']:.1f}s" for s, o in outputs.items())
+    print(f"wrote {len(outputs)} stages to {args.out} ({stages}); metrics: {path}", file=sys.stderr)
+    return 0

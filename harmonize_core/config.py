@@ -1,0 +1,297 @@
+"""The one configuration tree for Deep Painterly Harmonization.
+
+Every default cites its source in the authors' code (``neural_gram.lua`` = pass 1, ``neural_paint.lua`` = pass 2,
+``dilate_mask.m``, ``filt_cnn_artifact.m``); see ``ALGORITHM.md`` section 8 for the full table. Deviations say
+"differs from X because Y". The CLI flags, the flow parameters and the manifest overrides are all derived from
+this tree: there is no second copy of any default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PAPER_SIZE = 700  # gen_all.py L24,L33: the working long side every hyperparameter below was tuned at
+DEFAULT_TAU = 5.0  # the authors' middle level (issue #6: levels 1, 5, 10); the code itself has no default
+
+
+@dataclass(frozen=True, kw_only=True)
+class SizingConfig:
+    """Working resolution. Inputs are resized so that max(H, W) == size (up or down, bilinear)."""
+
+    size: int = field(default=PAPER_SIZE, metadata={"help": "working long side in pixels (gen_all.py L24)"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskConfig:
+    """Mask binarisation, loose-mask dilation and feathering. Pixel sizes are given at 700 px and scaled."""
+
+    binarize_threshold: float = field(
+        default=0.5, metadata={"help": "grey level (0..1) splitting JPEG mask noise into 0/1 (dph-cases README)"}
+    )
+    dilate_kernel: int = field(default=35, metadata={"help": "Gaussian support at 700 px (dilate_mask.m L23)"})
+    dilate_sigma: float = field(default=35 / 3, metadata={"help": "Gaussian sigma at 700 px (dilate_mask.m L23)"})
+    dilate_threshold: float = field(default=0.1, metadata={"help": "blurred > t becomes 1 (dilate_mask.m L27-30)"})
+    feather_kernel: int = field(
+        default=7, metadata={"help": "box feather of the tight mask for the blend (neural_gram.lua L83-85)"}
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneConfig:
+    """Feature extractor and its weights."""
+
+    name: str = field(default="vgg19", metadata={"help": "vgg19 (the paper) or vgg16 (lighter)"})
+    weights: str = field(
+        default="imagenet",
+        metadata={"help": "imagenet | offline-vgg16 | <path or s3:// file> | random:<seed> (tests only)"},
+    )
+    ceil_mode: bool = field(
+        default=True,
+        metadata={"help": "ceil-mode pooling as loadcaffe builds it (differs from torchvision's floor mode)"},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 VGG on CUDA, fp32 on CPU) | fp32 | bf16; losses are always fp32"},
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass1Config:
+    """Robust coarse harmonisation (neural_gram.lua)."""
+
+    iterations: int = field(default=1000, metadata={"help": "L-BFGS iterations (neural_gram.lua L182-186)"})
+    content_layer: str = field(default="relu4_1", metadata={"help": "neural_gram.lua L47"})
+    style_layers: tuple[str, ...] = field(
+        default=("relu3_1", "relu4_1", "relu5_1"), metadata={"help": "neural_gram.lua L48"}
+    )
+    content_weight: float = field(default=5.0, metadata={"help": "neural_gram.lua L23"})
+    style_weight: float = field(default=100.0, metadata={"help": "per style layer (neural_gram.lua L24)"})
+    tv_weight: float = field(default=1e-3, metadata={"help": "gradient-only TV (neural_gram.lua L25)"})
+    learning_rate: float = field(default=1.0, metadata={"help": "optim.lbfgs default (neural_gram.lua L182)"})
+    history_size: int = field(default=100, metadata={"help": "L-BFGS nCorrection; also a memory knob"})
+    tolerance_grad: float = field(
+        default=1e-5, metadata={"help": "optim.lbfgs tolFun (torch tests max|g|, Torch7 sum|g|)"}
+    )
+    tolerance_change: float = field(default=1e-9, metadata={"help": "optim.lbfgs tolX"})
+    patch_size: int = field(default=3, metadata={"help": "matching patch (neural_gram.lua L51)"})
+    match_budget_mb: int = field(
+        default=512, metadata={"help": "peak extra memory of the chunked nearest-neighbour match"}
+    )
+    log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass2Config:
+    """High-quality refinement (neural_paint.lua)."""
+
+    iterations: int = field(default=1000, metadata={"help": "L-BFGS iterations (gen_all.py L37)"})
+    content_layer: str = field(default="relu4_1", metadata={"help": "neural_paint.lua L63-66"})
+    style_layers: tuple[str, ...] = field(
+        default=("relu1_1", "relu2_1", "relu3_1", "relu4_1"), metadata={"help": "neural_paint.lua L63-66"}
+    )
+    hist_layers: tuple[str, ...] = field(default=("relu1_1", "relu4_1"), metadata={"help": "neural_paint.lua L66"})
+    reference_layer: str = field(default="relu4_1", metadata={"help": "mapping layer (L63, issue #29)"})
+    tau: float | str | None = field(
+        default=None,
+        metadata={"help": "style weight: a number, 'auto' (estimated from the painting) or none for 5"},
+    )
+    content_weight: float = field(default=1.0, metadata={"help": "neural_paint.lua L506"})
+    learning_rate: float = field(default=0.1, metadata={"help": "neural_paint.lua L26"})
+    history_size: int = field(default=100, metadata={"help": "L-BFGS nCorrection; also a memory knob"})
+    refine_size: int = field(default=5, metadata={"help": "consistency window (neural_paint.lua L47)"})
+    ring_radius: int = field(default=1, metadata={"help": "used-style set ring (neural_paint.lua L50)"})
+    hist_bins: int = field(default=256, metadata={"help": "cuda_utils.cu L23"})
+    match_budget_mb: int = field(default=512, metadata={"help": "peak extra memory of the relu4_1 match"})
+    log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostConfig:
+    """Reconstruction / post-processing (filt_cnn_artifact.m). Pixel sizes are given at 700 px."""
+
+    guide: str = field(
+        default="composite",
+        metadata={"help": "chroma guided-filter guide: composite (authors' code) or luminance (paper)"},
+    )
+    guided_radius: int = field(default=2, metadata={"help": "filt_cnn_artifact.m L37-42"})
+    guided_eps: float = field(default=0.01, metadata={"help": "0.1^2 (filt_cnn_artifact.m L37-42)"})
+    patch_size: int = field(default=7, metadata={"help": "PatchMatch patch (filt_cnn_artifact.m L47)"})
+    patchmatch_iters: int = field(default=5, metadata={"help": "PatchMatch-2.0 default nn_iters"})
+    detail_kernel: int = field(default=7, metadata={"help": "Gaussian base 7x7 (filt_cnn_artifact.m L53)"})
+    detail_sigma: float = field(default=1.0, metadata={"help": "filt_cnn_artifact.m L53"})
+    blend_kernel: int = field(default=7, metadata={"help": "filt_cnn_artifact.m L24-29"})
+    blend_sigma: float = field(default=3.0, metadata={"help": "filt_cnn_artifact.m L24-29"})
+    blend_threshold: float = field(default=0.01, metadata={"help": "filt_cnn_artifact.m L26"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class HarmonizeConfig:
+    """The whole resolved configuration of one item. ``resolve_tau`` and ``stage_section`` read it."""
+
+    sizing: SizingConfig = field(default_factory=SizingConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pass1: Pass1Config = field(default_factory=Pass1Config)
+    pass2: Pass2Config = field(default_factory=Pass2Config)
+    post: PostConfig = field(default_factory=PostConfig)
+    seed: int = field(default=316, metadata={"help": "neural_gram.lua L45"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain JSON-able nested dicts."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "HarmonizeConfig":
+        """Return a copy with dotted overrides applied, e.g. ``replace(**{"pass2.tau": 1.0})``."""
+        return apply_overrides(self, overrides)
+
+
+# Presets. ``paper`` is the dataclass defaults. ``quick`` is for CPU demos and smoke runs: small working size and
+# few iterations (differs from the paper because a 700 px, 2x1000-iteration run takes hours on a CPU).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "quick": {"sizing.size": 256, "pass1.iterations": 60, "pass2.iterations": 60, "pass1.log_every": 10,
+              "pass2.log_every": 10},
+}
+
+# Manifest/CLI overrides: a documented flat name -> the dotted field it sets.
+OVERRIDE_FIELDS: dict[str, str] = {
+    "size": "sizing.size",
+    "pass1_iters": "pass1.iterations",
+    "pass2_iters": "pass2.iterations",
+    "tau": "pass2.tau",
+    "backbone": "backbone.name",
+    "weights": "backbone.weights",
+}
+
+
+def preset(name: str) -> HarmonizeConfig:
+    """Return the named preset (``paper`` or ``quick``) as a ``HarmonizeConfig``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return apply_overrides(HarmonizeConfig(), PRESETS[name])
+
+
+def apply_overrides(config: HarmonizeConfig, overrides: dict[str, Any]) -> HarmonizeConfig:
+    """Return ``config`` with dotted or flat-named overrides applied; values are coerced to the field's type.
+
+    ``None`` values are skipped, so optional CLI flags and empty manifest cells leave the default.
+    """
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        dotted = OVERRIDE_FIELDS.get(key, key)
+        if "." in dotted:
+            section_name, field_name = dotted.split(".", 1)
+            section = getattr(config, section_name, None)
+            if section is None or field_name not in {f.name for f in dataclasses.fields(section)}:
+                raise ValueError(f"unknown config field {key!r}")
+            new_section = dataclasses.replace(section, **{field_name: _coerce(section, field_name, value)})
+            config = dataclasses.replace(config, **{section_name: new_section})
+        else:
+            if dotted not in {f.name for f in dataclasses.fields(config)}:
+                raise ValueError(f"unknown config field {key!r}")
+            config = dataclasses.replace(config, **{dotted: _coerce(config, dotted, value)})
+    validate_config(config)
+    return config
+
+
+def _coerce(obj: Any, name: str, value: Any) -> Any:
+    current = getattr(obj, name)
+    if name == "tau":
+        return parse_tau(value)
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        return bool(value)
+    if isinstance(current, int):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(float(value)) if isinstance(value, str) else int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+    return value
+
+
+def parse_tau(value: Any) -> float | str | None:
+    """Return tau as a positive float, the string ``"auto"``, or ``None`` (meaning the default 5)."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    tau = float(value)
+    if not tau > 0:
+        raise ValueError(f"tau must be a positive number or 'auto', got {value!r}")
+    return tau
+
+
+def validate_config(config: HarmonizeConfig) -> None:
+    """Raise ``ValueError`` naming the field when a value is out of its domain."""
+    checks = [
+        (config.sizing.size >= 32, "sizing.size must be >= 32 pixels"),
+        (config.sizing.size <= 4096, "sizing.size must be <= 4096 pixels"),
+        (config.pass1.iterations >= 0, "pass1.iterations must be >= 0"),
+        (config.pass2.iterations >= 0, "pass2.iterations must be >= 0"),
+        (config.backbone.name in ("vgg19", "vgg16"), "backbone.name must be vgg19 or vgg16"),
+        (config.backbone.precision in ("auto", "fp32", "bf16"), "backbone.precision must be auto, fp32 or bf16"),
+        (config.post.guide in ("composite", "luminance"), "post.guide must be composite or luminance"),
+        (config.pass1.match_budget_mb > 0 and config.pass2.match_budget_mb > 0, "match budgets must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def scale_to_size(pixels_at_700: float, size: int) -> float:
+    """Return a pixel length given at the paper's 700 px working size, scaled to ``size``."""
+    return pixels_at_700 * size / PAPER_SIZE
+
+
+def odd_at_size(pixels_at_700: int, size: int) -> int:
+    """Return an odd kernel width (>= 1) for a kernel of ``pixels_at_700`` px at 700 px, scaled to ``size``."""
+    width = max(1, int(round(scale_to_size(pixels_at_700, size))))
+    return width if width % 2 == 1 else width + 1
+
+
+def use_bf16(config: HarmonizeConfig, device_type: str) -> bool:
+    """Return whether the VGG forward/backward runs under bf16 autocast for this config and device type."""
+    precision = config.backbone.precision
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def resolve_tau(pass2: Pass2Config, estimate: "callable[[], float] | None" = None) -> float:
+    """Return the numeric tau: the configured number, the estimator's value for ``"auto"``, or ``DEFAULT_TAU``."""
+    if pass2.tau is None:
+        return DEFAULT_TAU
+    if pass2.tau == "auto":
+        if estimate is None:
+            raise ValueError("tau='auto' needs the painting to estimate from")
+        return float(estimate())
+    return float(pass2.tau)
+
+
+# Which config sections each stage's output depends on (for cache keys): a stage's key includes its own
+# sections and, through its inputs' digests, everything upstream.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "dilate": ("sizing", "masks"),
+    "pass1": ("sizing", "masks", "backbone", "pass1", "seed"),
+    "blend": ("sizing", "masks"),
+    "pass2": ("sizing", "masks", "backbone", "pass2", "seed"),
+    "reconstruct": ("sizing", "masks", "post"),
+}
+
+
+def stage_section(config: HarmonizeConfig, stage: str) -> dict[str, Any]:
+    """Return the part of the config that determines ``stage``'s output (JSON-able)."""
+    full = config.to_dict()
+    return {name: full[name] for name in STAGE_SECTIONS[stage]}
+
+
+def config_digest(section: dict[str, Any]) -> str:
+    """Return a stable sha256 hex digest of a JSON-able config section."""
+    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,99 @@
+"""Pass 1: robust coarse harmonisation (neural_gram.lua; ALGORITHM.md section 2).
+
+Gatys-style optimisation from the naive composite, each style layer with its own independent nearest-neighbour
+mapping (3x3 patch cosine, brute force, restricted here to positions inside the mask), masked Gram losses, a content
+loss and a TV gradient, raw (unnormalised) gradients, L-BFGS lr 1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .config import HarmonizeConfig, use_bf16
+from .losses import content_loss, gram_of_masked, masked_gram, style_loss, total_variation
+from .masks import propagate_mask
+from .matching import gather_targets, patch_cosine_match
+from .objective import LbfgsSettings, Problem, Term, optimise
+from .vgg import layer_plan
+
+
+def layer_masks(loose: torch.Tensor, backbone, names: list[str], ceil_mode: bool) -> dict[str, torch.Tensor]:
+    """Return the soft loose mask at each named tap, (1, 1, h, w) on the backbone's device."""
+    return {name: propagate_mask(loose, layer_plan(backbone.arch, name), ceil_mode=ceil_mode) for name in names}
+
+
+def matched_gram_targets(
+    content_feats: dict[str, torch.Tensor], style_feats: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+    *, patch_size: int, budget_bytes: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Return ({layer: target Gram (C, C)}, {layer: seconds}) from the independent per-layer mapping.
+
+    neural_gram.lua L126-137: M_l[:, p] = F_s[:, q*(p)] with q* the best 3x3 patch-cosine match of the composite's
+    patch at p; target T = (M_l * m)(M_l * m)^T / (C * sum(m)). Only positions with m > 0 are matched.
+    """
+    targets, seconds = {}, {}
+    for name, mask in masks.items():
+        started = time.perf_counter()
+        query = mask[0, 0] > 0
+        index = patch_cosine_match(content_feats[name][0], style_feats[name][0], query,
+                                   patch_size=patch_size, budget_bytes=budget_bytes)
+        mapped = gather_targets(style_feats[name][0], index).unsqueeze(0)
+        targets[name] = masked_gram(mapped, mask)
+        seconds[name] = round(time.perf_counter() - started, 4)
+    return targets, seconds
+
+
+def build_terms(config: HarmonizeConfig, content_target: torch.Tensor, grams: dict[str, torch.Tensor],
+                masks: dict[str, torch.Tensor]) -> list[Term]:
+    """Return pass 1's loss terms: content (unmasked value), masked Gram per style layer, TV on the image."""
+    cfg = config.pass1
+    terms = [Term("content", cfg.content_layer, lambda f: content_loss(f, content_target), cfg.content_weight)]
+    for name, target in grams.items():
+        mask = masks[name]
+        terms.append(Term(f"style_{name}", name,
+                          lambda fm, target=target, mask=mask: style_loss(gram_of_masked(fm, mask), target),
+                          cfg.style_weight, masked_input=True))
+    terms.append(Term("tv", "image", total_variation, cfg.tv_weight))
+    return terms
+
+
+def run_pass1(
+    content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, backbone, config: HarmonizeConfig,
+    *, progress: Callable | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Return (pass-1 image (1, 3, H, W) in [0, 1] on the CPU, unblended; metrics with loss curves and timings).
+
+    ``content`` is the naive composite, ``style`` the painting (same size), ``loose`` the dilated mask, all in
+    [0, 1] at working size. The image is optimised in the backbone's preprocessed space (Caffe units for Caffe
+    weights), as the authors do, so the absolute weights 5 / 100 / 1e-3 keep their meaning.
+    """
+    from .stages import Iterate
+
+    cfg, device = config.pass1, backbone.device
+    torch.manual_seed(config.seed)
+    pre = backbone.preprocessing
+    x0 = pre.preprocess(content.to(device))
+    loose = loose.to(device)
+    layers = sorted({cfg.content_layer, *cfg.style_layers})
+    started = time.perf_counter()
+    with torch.no_grad():
+        content_feats = backbone.extract(x0, layers)
+        style_feats = backbone.extract(pre.preprocess(style.to(device)), list(cfg.style_layers))
+    masks = layer_masks(loose, backbone, layers, config.backbone.ceil_mode)
+    grams, match_seconds = matched_gram_targets(
+        {k: content_feats[k] for k in cfg.style_layers}, style_feats, {k: masks[k] for k in cfg.style_layers},
+        patch_size=cfg.patch_size, budget_bytes=cfg.match_budget_mb * 2**20)
+    terms = build_terms(config, content_feats[cfg.content_layer].detach(), grams, masks)
+    problem = Problem(backbone=backbone, terms=terms, layer_masks=masks, image_mask=loose.expand(-1, 3, -1, -1),
+                      normalize=False, autocast=use_bf16(config, backbone.device.type))
+    setup_seconds = time.perf_counter() - started
+    settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, cfg.tolerance_grad,
+                             cfg.tolerance_change, cfg.log_every)
+    x, metrics = optimise(problem, x0, settings, stage="pass1", progress=progress,
+                          event=lambda step, total, losses, elapsed: Iterate("pass1", step, total, losses, elapsed))
+    image = pre.deprocess(x).clamp(0, 1).cpu()
+    metrics.update(seconds_match=match_seconds, seconds_setup=round(setup_seconds, 4))
+    return image, metrics

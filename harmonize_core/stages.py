@@ -1,0 +1,172 @@
+"""The five stages of one item, as plain functions on tensors: dilate -> pass1 -> blend -> pass2 -> reconstruct.
+
+Each stage returns a ``StageOutput``: its image (8-bit quantised, as the PNG it is stored as, so that the
+in-memory path and the stored pipeline give the same pixels) and a JSON-able metrics record. ``harmonize``
+runs them all; the Prefect tasks call them one by one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .config import HarmonizeConfig, resolve_tau, stage_section
+from .errors import InputError
+from .images import quantize, resize, working_shape
+from .masks import dilate_mask, feather_mask
+
+STAGES: tuple[str, ...] = ("dilate", "pass1", "blend", "pass2", "reconstruct")
+
+
+@dataclass(frozen=True)
+class Iterate:
+    """A progress event from a long stage: ``step`` of ``total`` iterations, current loss terms, seconds so far."""
+
+    stage: str
+    step: int
+    total: int
+    losses: dict[str, float]
+    elapsed: float
+
+
+ProgressFn = Callable[[Iterate], None]
+
+
+@dataclass
+class StageOutput:
+    """One stage's result: ``image`` (1, C, H, W) float32 in [0, 1] on the CPU, and JSON-able ``metrics``."""
+
+    image: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ItemInputs:
+    """One item's inputs at working size: content/style (1, 3, H, W) in [0, 1], tight mask (1, 1, H, W) in {0, 1}."""
+
+    content: torch.Tensor
+    style: torch.Tensor
+    tight: torch.Tensor
+
+
+def prepare_inputs(
+    content: torch.Tensor, style: torch.Tensor, tight: torch.Tensor, config: HarmonizeConfig,
+    *, names: tuple[str, str, str] = ("content", "style", "mask"),
+) -> ItemInputs:
+    """Return the item's tensors at the working size (long side ``config.sizing.size``).
+
+    The composite, the painting and the mask must have the same pixel size (the composite *is* the painting with
+    the object pasted in); a mismatch raises ``InputError`` naming the files. Inputs already at the working size
+    are not resampled. The mask is resized bilinearly and re-binarised at 0.5.
+    """
+    shapes = [tuple(t.shape[-2:]) for t in (content, style, tight)]
+    if len(set(shapes)) != 1:
+        described = ", ".join(f"{n} {w}x{h}" for n, (h, w) in zip(names, shapes))
+        raise InputError(f"size mismatch: {described}; the composite, painting and mask must have the same size")
+    shape = working_shape(*shapes[0], config.sizing.size)
+    tight_small = (resize(tight, shape) > 0.5).float() if shapes[0] != shape else tight
+    if tight_small.sum() == 0:
+        raise InputError(f"{names[2]}: the mask is empty at working size {shape[1]}x{shape[0]}")
+    return ItemInputs(content=quantize(resize(content, shape)), style=quantize(resize(style, shape)), tight=tight_small)
+
+
+def _output(stage: str, image: torch.Tensor, started: float, config: HarmonizeConfig, **metrics: Any) -> StageOutput:
+    record = {"stage": stage, "seconds": round(time.perf_counter() - started, 4), "core_version": __version__,
+              "config": stage_section(config, stage), **metrics}
+    return StageOutput(image=quantize(image.detach().float().cpu()), metrics=record)
+
+
+def dilate(inputs: ItemInputs, config: HarmonizeConfig) -> StageOutput:
+    """Return the loose mask M+ (1, 1, H, W) in {0, 1}: the tight mask dilated as dilate_mask.m does."""
+    started = time.perf_counter()
+    loose = dilate_mask(inputs.tight, config.masks, size=config.sizing.size)
+    return _output("dilate", loose, started, config, loose_fraction=float(loose.mean()))
+
+
+def pass1(
+    inputs: ItemInputs, loose: torch.Tensor, backbone: Any, config: HarmonizeConfig,
+    progress: ProgressFn | None = None,
+) -> StageOutput:
+    """Return pass 1's optimised image (unblended, (1, 3, H, W) in [0, 1]) and its loss curve (neural_gram.lua)."""
+    from .pass1 import run_pass1
+
+    started = time.perf_counter()
+    image, metrics = run_pass1(inputs.content, inputs.style, loose, backbone, config, progress=progress)
+    return _output("pass1", image, started, config, weights_digest=backbone.digest, **metrics)
+
+
+def blend(image: torch.Tensor, inputs: ItemInputs, config: HarmonizeConfig, stage: str = "blend") -> StageOutput:
+    """Return ``image`` blended into the painting with the feathered tight mask (neural_gram.lua L214-217).
+
+    Where the feathered mask is 0 the result is bit-identical to the (8-bit) painting.
+    """
+    started = time.perf_counter()
+    weight = feather_mask(inputs.tight, config.masks.feather_kernel).to(image.dtype)
+    image, style = quantize(image), inputs.style
+    blended = torch.where(weight > 0, image * weight + style * (1 - weight), style)
+    return _output(stage, blended, started, config, feather_fraction=float((weight > 0).float().mean()))
+
+
+def pass2(
+    inputs: ItemInputs, loose: torch.Tensor, blended: torch.Tensor, backbone: Any, config: HarmonizeConfig,
+    progress: ProgressFn | None = None,
+) -> StageOutput:
+    """Return pass 2's result blended into the painting ((1, 3, H, W) in [0, 1]) and its loss curves (neural_paint.lua)."""
+    from .pass2 import run_pass2
+
+    started = time.perf_counter()
+    tau = resolve_tau(config.pass2, estimate=lambda: _estimate_tau(inputs.style))
+    image, metrics = run_pass2(inputs.content, inputs.style, loose, inputs.tight, blended, backbone, config,
+                               tau=tau, progress=progress)
+    out = blend(image, inputs, config, stage="pass2")
+    return _output("pass2", out.image, started, config, weights_digest=backbone.digest, tau=tau, **metrics)
+
+
+def reconstruct(pass2_image: torch.Tensor, inputs: ItemInputs, config: HarmonizeConfig) -> StageOutput:
+    """Return the post-processed final image (filt_cnn_artifact.m): chroma denoise, patch synthesis, detail, blend."""
+    from .postprocess import reconstruct as run_reconstruct
+
+    started = time.perf_counter()
+    image, metrics = run_reconstruct(pass2_image, inputs.style, inputs.content, inputs.tight, config.post,
+                                     size=config.sizing.size, seed=config.seed)
+    return _output("reconstruct", image, started, config, **metrics)
+
+
+def _estimate_tau(style: torch.Tensor) -> float:
+    from .tau import estimate_tau
+
+    return estimate_tau(style)
+
+
+def harmonize(
+    content: torch.Tensor, style: torch.Tensor, mask: torch.Tensor, config: HarmonizeConfig | None = None,
+    *, backbone: Any = None, device: str = "auto", progress: ProgressFn | None = None,
+    stages: tuple[str, ...] = STAGES,
+) -> dict[str, StageOutput]:
+    """Run the stages on one item and return ``{stage: StageOutput}`` in pipeline order.
+
+    ``content``/``style`` are (1, 3, H, W) in [0, 1], ``mask`` (1, 1, H, W) in {0, 1}, all the same size.
+    ``backbone`` defaults to ``load_backbone`` with the config's backbone section on ``device``.
+    """
+    from .vgg import load_backbone
+
+    config = config or HarmonizeConfig()
+    if backbone is None:
+        backbone = load_backbone(config.backbone.name, config.backbone.weights, device=device,
+                                 ceil_mode=config.backbone.ceil_mode)
+    inputs = prepare_inputs(content, style, mask, config)
+    outputs: dict[str, StageOutput] = {}
+    outputs["dilate"] = dilate(inputs, config)
+    loose = outputs["dilate"].image
+    if "pass1" in stages:
+        outputs["pass1"] = pass1(inputs, loose, backbone, config, progress)
+        outputs["blend"] = blend(outputs["pass1"].image, inputs, config)
+    if "pass2" in stages:
+        outputs["pass2"] = pass2(inputs, loose, outputs["blend"].image, backbone, config, progress)
+    if "reconstruct" in stages:
+        outputs["reconstruct"] = reconstruct(outputs["pass2"].image, inputs, config)
+    return outputs

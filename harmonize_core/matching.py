@@ -1,0 +1,525 @@
+"""Nearest-neighbour matching of Deep Painterly Harmonization (ALGORITHM.md sections 2 and 3a-3c).
+
+Feature maps are ``(C, H, W)`` with no batch dim. A match is a flat raster index ``q = y * Ws + x`` into the style
+map, stored in a ``(H, W)`` int64 map; ``-1`` marks positions that were not asked for. Ports of ``cuda_utils.cu``
+(luanfujun/deep-painterly-harmonization): ``patchmatch_r`` (pass 1, L1217-1358), ``patchmatch`` (pass-2 initial
+match, L331-478), ``refineNNF`` (L1360-1484), ``Ring2`` (L1159-1214), and torch/image ``scale(..., 'simple')``.
+
+The brute-force matches never build the positions x positions score matrix. Query rows go in chunks whose score
+matrix and per-pair temporaries fit ``budget_bytes``. Each chunk's window dot products come from one product of the
+chunk's neighbourhood features with the style map, shifted and summed over the window offsets: about 9x fewer
+multiply-adds than a product of unfolded 3x3 patches, and exact (offsets outside either map add zero). The
+``*_full`` variants keep the reference's full-matrix form, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+COSINE_EPS = 1e-9  # cuda_utils.cu patchmatch_r_conv_kernel: conv / (norm_1 * norm_2 + 1e-9)
+NORMALIZE_EPS = 1e-8  # neural_paint.lua normalize_features L453
+DEFAULT_BUDGET_BYTES = 512 * 2**20  # config.Pass1Config.match_budget_mb default
+INDEX_BYTES = 8  # int64 indices
+# Per window neighbour of a query row, besides its gathered feature column: index bookkeeping (offset coordinates,
+# slots, torch.unique's sort buffers), measured below 100 bytes with torch.profiler.
+NEIGHBOUR_INDEX_BYTES = 160
+FULL_SLAB_PAIRS = 2**24  # pairs per slab when the *_full forms turn the full score matrix into scores
+
+Extent = tuple[int, int]  # (lo, hi): window offsets lo..hi along one axis stay inside the map
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check_maps(content: torch.Tensor, style: torch.Tensor, query: torch.Tensor, patch_size: int) -> None:
+    if content.dim() != 3 or style.dim() != 3:
+        raise ValueError(f"expected (C, H, W) feature maps, got {tuple(content.shape)} and {tuple(style.shape)}")
+    if content.shape[0] != style.shape[0]:
+        raise ValueError(f"channel mismatch: content has {content.shape[0]}, style has {style.shape[0]}")
+    if query.dtype != torch.bool or tuple(query.shape) != tuple(content.shape[1:]):
+        raise ValueError(f"query must be a bool (H, W) = {tuple(content.shape[1:])} mask, got "
+                         f"{query.dtype} {tuple(query.shape)}")
+    if patch_size < 1 or patch_size % 2 == 0:
+        raise ValueError(f"patch_size must be odd and >= 1, got {patch_size}")
+
+
+def chunk_rows(n_queries: int, n_keys: int, bytes_per_pair: int, budget_bytes: int) -> int:
+    """Return how many query rows one chunk holds: the most rows whose ``n_keys * bytes_per_pair`` fit the budget.
+
+    At least 1 and at most ``max(n_queries, 1)``. Raises ``ValueError`` when a single row does not fit.
+
+    >>> chunk_rows(1000, 100, 40, 40_000)
+    10
+    """
+    row_bytes = n_keys * bytes_per_pair
+    if row_bytes > budget_bytes:
+        raise ValueError(f"match budget too small: one query row needs {row_bytes} bytes "
+                         f"({n_keys} keys x {bytes_per_pair} bytes), the budget leaves {budget_bytes}")
+    return max(1, min(n_queries, budget_bytes // row_bytes))
+
+
+def _fixed_bytes(content: torch.Tensor, style: torch.Tensor, n_queries: int, radius: int, per_position: int) -> int:
+    """Bytes a brute-force match holds outside its chunk workspace: ``per_position`` values per position of both
+    maps (norm tables, normalised copies), the zero-padded energy maps, and the int64 bookkeeping."""
+    (_, height, width), (_, style_h, style_w) = content.shape, style.shape
+    positions, keys = height * width, style_h * style_w
+    padded = (height + 2 * radius) * (width + 2 * radius) + (style_h + 2 * radius) * (style_w + 2 * radius)
+    values = per_position * (positions + keys) + padded
+    return content.element_size() * values + INDEX_BYTES * (2 * positions + 4 * n_queries)
+
+
+def _chunk_for(content: torch.Tensor, style: torch.Tensor, n_queries: int, radius: int,
+               fixed_bytes: int, budget_bytes: int) -> int:
+    """Chunk rows for a brute-force match: the per-pair bound of ``_Workspace`` within what ``fixed_bytes`` leaves."""
+    channels, n_keys = content.shape[0], style.shape[1] * style.shape[2]
+    window = (2 * radius + 1) ** 2
+    element = content.element_size()
+    # Workspace per query row: neighbourhood products (at most `window` rows, plus one zero row per chunk),
+    # the dot matrix and a scratch matrix (shifted copies, then the cosine denominators).
+    per_pair = element * (window + 2)
+    per_row = window * (channels * element + NEIGHBOUR_INDEX_BYTES) + INDEX_BYTES
+    bytes_per_pair = per_pair + math.ceil(per_row / n_keys)
+    reserved = fixed_bytes + element * n_keys
+    if reserved >= budget_bytes:
+        raise ValueError(f"match budget too small: {budget_bytes} bytes, the tables alone need {reserved}")
+    return chunk_rows(n_queries, n_keys, bytes_per_pair, budget_bytes - reserved)
+
+
+# ------------------------------------------------------------------------------------------- windows
+def _offsets(radius: int) -> list[tuple[int, int]]:
+    """Window offsets (dy, dx) in raster order, as the kernels loop (dy outer, dx inner)."""
+    span = range(-radius, radius + 1)
+    return [(dy, dx) for dy in span for dx in span]
+
+
+def _extent(pos: int, length: int, radius: int) -> Extent:
+    return -min(radius, pos), min(radius, length - 1 - pos)
+
+
+@functools.lru_cache(maxsize=64)
+def _runs(length: int, radius: int) -> tuple[tuple[int, int, Extent], ...]:
+    """Maximal runs ``[start, stop)`` of positions along one axis whose windows have the same extent."""
+    runs: list[tuple[int, int, Extent]] = []
+    for pos in range(length):
+        extent = _extent(pos, length, radius)
+        if runs and runs[-1][2] == extent:
+            runs[-1] = (runs[-1][0], pos + 1, extent)
+        else:
+            runs.append((pos, pos + 1, extent))
+    return tuple(runs)
+
+
+def _extent_ids(coord: torch.Tensor, length: int, radius: int) -> torch.Tensor:
+    """Id ``(lo + r) * (r + 1) + hi`` of each coordinate's window extent along one axis."""
+    lo = -coord.clamp(max=radius)
+    hi = (length - 1 - coord).clamp(max=radius)
+    return (lo + radius) * (radius + 1) + hi
+
+
+def _decode_extent(extent_id: int, radius: int) -> Extent:
+    return extent_id // (radius + 1) - radius, extent_id % (radius + 1)
+
+
+def _intersect(a: Extent, b: Extent) -> Extent:
+    return max(a[0], b[0]), min(a[1], b[1])
+
+
+class _BoxNorms:
+    """Patch norms over a box of window offsets, ``sqrt(sum_o ||F(p + o)||^2)`` (zero outside the map), per box."""
+
+    def __init__(self, feat: torch.Tensor, radius: int) -> None:
+        energy = torch.einsum("chw,chw->hw", feat, feat)
+        self.padded = F.pad(energy, (radius, radius, radius, radius))
+        self.radius, self.shape = radius, tuple(feat.shape[1:])
+        self.cache: dict[tuple[Extent, Extent], torch.Tensor] = {}
+
+    def __call__(self, ybox: Extent, xbox: Extent) -> torch.Tensor:
+        """Return the ``(H, W)`` norms of the patches restricted to offsets ``ybox x xbox``."""
+        key = (ybox, xbox)
+        if key not in self.cache:
+            (height, width), r = self.shape, self.radius
+            total = torch.zeros_like(self.padded[:height, :width])
+            for dy in range(ybox[0], ybox[1] + 1):
+                for dx in range(xbox[0], xbox[1] + 1):
+                    total += self.padded[r + dy:r + dy + height, r + dx:r + dx + width]
+            self.cache[key] = total.sqrt_()
+        return self.cache[key]
+
+
+class _Workspace:
+    """Buffers reused by every chunk of one match: fresh large allocations cost page faults comparable to the
+    arithmetic on CPU. Sized by the per-pair bound of ``_chunk_for``; untouched pages are never backed on CPU."""
+
+    def __init__(self, like: torch.Tensor, chunk: int, style_shape: tuple[int, int], radius: int) -> None:
+        n_positions = like.shape[1] * like.shape[2]
+        n_keys = style_shape[0] * style_shape[1]
+        self.style_shape = style_shape
+        self.products = like.new_empty(min((2 * radius + 1) ** 2 * chunk, n_positions) + 1, n_keys)
+        self.dots = like.new_empty(chunk, n_keys)
+        self.scratch = like.new_empty(chunk * n_keys)
+
+    def scratch_like(self, *shape: int) -> torch.Tensor:
+        """A contiguous ``shape`` view of the scratch buffer (contents undefined)."""
+        return self.scratch[:math.prod(shape)].view(shape)
+
+
+def _window_dots(content: torch.Tensor, style: torch.Tensor, rows: torch.Tensor, radius: int,
+                 work: _Workspace) -> torch.Tensor:
+    """Return ``(m, Hs, Ws)`` (a view of ``work.dots``): for each content row p and style position q, the sum over
+    window offsets o valid in both maps of ``<content[p + o], style[q + o]>`` (patchmatch_conv_kernel and
+    patchmatch_r_conv_kernel numerators). One product per chunk, then a shifted sum over the offsets."""
+    channels, height, width = content.shape
+    style_h, style_w = work.style_shape
+    offsets = torch.tensor(_offsets(radius), device=rows.device)
+    ny = (rows // width)[None] + offsets[:, :1]
+    nx = (rows % width)[None] + offsets[:, 1:]
+    inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+    neighbours, inverse = torch.unique((ny * width + nx)[inside], return_inverse=True)
+    slots = torch.full_like(ny, neighbours.numel())  # neighbours outside the map read the zero row
+    slots[inside] = inverse
+    products = work.products[:neighbours.numel() + 1]
+    torch.mm(content.reshape(channels, -1)[:, neighbours].T, style.reshape(channels, -1), out=products[:-1])
+    products[-1] = 0
+    products = products.view(-1, style_h, style_w)
+    dots = work.dots[:rows.numel()].view(-1, style_h, style_w).zero_()
+    shifted = work.scratch_like(rows.numel(), style_h, style_w)
+    for k, (dy, dx) in enumerate(_offsets(radius)):
+        dst_y, src_y = slice(max(0, -dy), min(style_h, style_h - dy)), slice(max(0, dy), min(style_h, style_h + dy))
+        dst_x, src_x = slice(max(0, -dx), min(style_w, style_w - dx)), slice(max(0, dx), min(style_w, style_w + dx))
+        torch.index_select(products, 0, slots[k], out=shifted)
+        dots[:, dst_y, dst_x] += shifted[:, src_y, src_x]
+    return dots
+
+
+def _group_by_extent(rows: torch.Tensor, shape: tuple[int, int], radius: int) -> list[tuple[Extent, Extent, torch.Tensor]]:
+    """Split query rows (raster order kept) into groups whose windows have the same y and x extents."""
+    height, width = shape
+    ids = _extent_ids(rows // width, height, radius) * (radius + 1) ** 2 + _extent_ids(rows % width, width, radius)
+    groups = []
+    for key in torch.unique(ids).tolist():
+        ey, ex = divmod(key, (radius + 1) ** 2)
+        groups.append((_decode_extent(ey, radius), _decode_extent(ex, radius), rows[ids == key]))
+    return groups
+
+
+def _divide_by_norms(dots: torch.Tensor, rows: torch.Tensor, extents: tuple[Extent, Extent],
+                     content_norms: _BoxNorms, style_norms: _BoxNorms, work: _Workspace) -> None:
+    """Turn window dots into patch cosines in place; rows share ``extents``, style runs share theirs, so every
+    block of pairs uses one box of offsets valid in both maps (patchmatch_r_conv_kernel L1252-1270)."""
+    _, style_h, style_w = dots.shape
+    radius = content_norms.radius
+    for y0, y1, ey in _runs(style_h, radius):
+        ybox = _intersect(extents[0], ey)
+        for x0, x1, ex in _runs(style_w, radius):
+            xbox = _intersect(extents[1], ex)
+            norm_p = content_norms(ybox, xbox).flatten()[rows]
+            norm_q = style_norms(ybox, xbox)[y0:y1, x0:x1]
+            den = work.scratch_like(rows.numel(), y1 - y0, x1 - x0)
+            torch.mul(norm_p[:, None, None], norm_q[None], out=den)
+            dots[:, y0:y1, x0:x1].div_(den.add_(COSINE_EPS))
+
+
+def _apply_border_rule(dots: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int], radius: int) -> None:
+    """Mask (-inf) style positions within ``radius`` of a border unless the content row is within ``radius`` of the
+    same border (patchmatch_argmax_kernel, cuda_utils.cu L402-409)."""
+    if radius == 0:
+        return
+    height, width = shape
+    _, style_h, style_w = dots.shape
+    y, x = rows // width, rows % width
+    fill = float("-inf")
+    dots[:, :, :radius].masked_fill_((x >= radius)[:, None, None], fill)
+    dots[:, :, max(style_w - radius, 0):].masked_fill_((x <= width - 1 - radius)[:, None, None], fill)
+    dots[:, :radius, :].masked_fill_((y >= radius)[:, None, None], fill)
+    dots[:, max(style_h - radius, 0):, :].masked_fill_((y <= height - 1 - radius)[:, None, None], fill)
+
+
+# ----------------------------------------------------------------------------------- pass 1 matching
+@torch.no_grad()
+def patch_cosine_match(content: torch.Tensor, style: torch.Tensor, query: torch.Tensor, *, patch_size: int = 3,
+                       budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+    """Return the pass-1 independent mapping: ``(H, W)`` int64, the flat style index ``y * Ws + x`` maximising the
+    3x3 patch cosine for each ``query`` position, -1 elsewhere.
+
+    ``content`` ``(C, H, W)`` and ``style`` ``(C, Hs, Ws)`` are raw features (any float dtype, same device).
+    Score = (sum over offsets valid in both maps of the dot products) / (norm_p * norm_q + 1e-9) with both norms
+    over the same offsets; ties keep the first maximum in raster order (cuda_utils.cu patchmatch_r L1217-1358;
+    the kernel accumulates in double, this uses the input dtype). Query rows are chunked so that the score
+    matrix, the per-pair temporaries and the fixed tables stay within ``budget_bytes`` (a non-contiguous input's
+    one contiguous copy is not counted).
+
+    >>> patch_cosine_match(torch.rand(8, 5, 6), torch.rand(8, 6, 5), torch.ones(5, 6, dtype=torch.bool)).shape
+    torch.Size([5, 6])
+    """
+    _check_maps(content, style, query, patch_size)
+    content, style = content.contiguous(), style.contiguous()
+    radius = patch_size // 2
+    height, width = query.shape
+    rows = query.flatten().nonzero().squeeze(1)
+    result = torch.full((height * width,), -1, dtype=torch.long, device=content.device)
+    if rows.numel() == 0:
+        return result.view(height, width)
+    boxes = (radius + 1) ** 4  # norm tables, one per box of offsets valid in both maps, plus the energy map
+    fixed = _fixed_bytes(content, style, rows.numel(), radius, per_position=boxes + 1)
+    chunk = _chunk_for(content, style, rows.numel(), radius, fixed, budget_bytes)
+    content_norms, style_norms = _BoxNorms(content, radius), _BoxNorms(style, radius)
+    work = _Workspace(content, chunk, tuple(style.shape[1:]), radius)
+    for ey, ex, group in _group_by_extent(rows, (height, width), radius):
+        for part in group.split(chunk):
+            dots = _window_dots(content, style, part, radius, work)
+            _divide_by_norms(dots, part, (ey, ex), content_norms, style_norms, work)
+            result[part] = dots.view(part.numel(), -1).argmax(1)
+    return result.view(height, width)
+
+
+def _unfold(feat: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(C * k * k, H * W)`` zero-padded patches."""
+    return F.unfold(feat[None], patch_size, padding=patch_size // 2)[0]
+
+
+def _box_tables(feat: torch.Tensor, radius: int) -> torch.Tensor:
+    """``(E * E, H * W)`` patch norms for every box id ``ybox_id * E + xbox_id`` (E = (r + 1)^2 extents)."""
+    norms = _BoxNorms(feat, radius)
+    extents = [_decode_extent(i, radius) for i in range((radius + 1) ** 2)]
+    return torch.stack([norms(ybox, xbox).flatten() for ybox in extents for xbox in extents])
+
+
+def _intersect_table(radius: int, device: torch.device) -> torch.Tensor:
+    """``(E, E)`` extent id of the intersection of two extents given by id."""
+    n = (radius + 1) ** 2
+    table = [[0] * n for _ in range(n)]
+    for a in range(n):
+        for b in range(n):
+            lo, hi = _intersect(_decode_extent(a, radius), _decode_extent(b, radius))
+            table[a][b] = (lo + radius) * (radius + 1) + hi
+    return torch.tensor(table, device=device)
+
+
+@torch.no_grad()
+def patch_cosine_match_full(content: torch.Tensor, style: torch.Tensor, query: torch.Tensor, *,
+                            patch_size: int = 3) -> torch.Tensor:
+    """Return the same mapping as ``patch_cosine_match``, ``(H, W)`` int64 (-1 outside ``query``), the way the
+    reference kernels do it: the full ``(H*W, Hs*Ws)`` score matrix over all positions, then a row argmax
+    (cuda_utils.cu patchmatch_r L1310-1350). Memory grows with the square of the image; tests and benchmarks only.
+    Norm boxes are looked up per pair, in slabs of rows, from the extents of p and q.
+
+    >>> patch_cosine_match_full(torch.rand(4, 5, 6), torch.rand(4, 6, 5), torch.ones(5, 6, dtype=torch.bool)).shape
+    torch.Size([5, 6])
+    """
+    _check_maps(content, style, query, patch_size)
+    radius = patch_size // 2
+    (_, height, width), (_, style_h, style_w) = content.shape, style.shape
+    scores = _unfold(content, patch_size).T @ _unfold(style, patch_size)
+    norms_p, norms_q = _box_tables(content, radius), _box_tables(style, radius)
+    intersect = _intersect_table(radius, content.device)
+    n_extents = (radius + 1) ** 2
+    p = torch.arange(height * width, device=content.device)
+    q = torch.arange(style_h * style_w, device=content.device)
+    ey_p, ex_p = _extent_ids(p // width, height, radius), _extent_ids(p % width, width, radius)
+    ey_q, ex_q = _extent_ids(q // style_w, style_h, radius), _extent_ids(q % style_w, style_w, radius)
+    for part in p.split(max(1, FULL_SLAB_PAIRS // q.numel())):
+        box = intersect[ey_p[part][:, None], ey_q[None]] * n_extents + intersect[ex_p[part][:, None], ex_q[None]]
+        den = norms_p[:, part].T.gather(1, box) * norms_q.gather(0, box) + COSINE_EPS
+        scores[part] /= den
+    return _argmax_on_query(scores, query)
+
+
+def _argmax_on_query(scores: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    best = scores.argmax(1)
+    return torch.where(query.flatten(), best, torch.full_like(best, -1)).view(query.shape)
+
+
+def gather_targets(style: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Return ``(C, H, W)`` ``style[:, index]``: the centre feature vector of each match, zeros where index is -1
+    (the matched target M_l of pass 1, patchmatch_r_argmax_kernel L1340-1342).
+
+    >>> gather_targets(torch.rand(4, 6, 5), torch.zeros(5, 6, dtype=torch.long)).shape
+    torch.Size([4, 5, 6])
+    """
+    if style.dim() != 3 or index.dim() != 2:
+        raise ValueError(f"expected style (C, Hs, Ws) and index (H, W), got {tuple(style.shape)}, {tuple(index.shape)}")
+    flat = style.reshape(style.shape[0], -1)
+    picked = flat[:, index.clamp(min=0).flatten()].view(style.shape[0], *index.shape)
+    return torch.where(index[None] >= 0, picked, torch.zeros_like(picked))
+
+
+# ------------------------------------------------------------------------------ pass 2 initial match
+def _normalize(feat: torch.Tensor) -> torch.Tensor:
+    """Per-pixel L2 normalisation over channels, ``F / (||F|| + 1e-8)`` (neural_paint.lua normalize_features)."""
+    return feat / (torch.linalg.vector_norm(feat, dim=0, keepdim=True) + NORMALIZE_EPS)
+
+
+@torch.no_grad()
+def normalized_sum_match(A: torch.Tensor, BP: torch.Tensor, query: torch.Tensor, *, patch_size: int = 3,
+                         budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+    """Return pass 2's initial relu4_1 mapping (3a): ``(H, W)`` int64 flat style indices, -1 outside ``query``.
+
+    ``A`` ``(C, H, W)`` (pass-1 image features) and ``BP`` ``(C, Hs, Ws)`` (painting features) are L2-normalised
+    per pixel (eps 1e-8); score(p, q) = sum over the window offsets valid in both maps of the per-pixel cosines;
+    q within ``patch_size // 2`` of a style border is skipped unless p is as close to the same border; first
+    maximum wins, and a p with every q skipped gets 0 as the kernel's zero-initialised output does
+    (cuda_utils.cu patchmatch L331-478, neural_paint.lua L141-154). Chunked within ``budget_bytes``, which also
+    covers the two normalised copies.
+
+    >>> normalized_sum_match(torch.rand(8, 5, 6), torch.rand(8, 6, 5), torch.ones(5, 6, dtype=torch.bool)).shape
+    torch.Size([5, 6])
+    """
+    _check_maps(A, BP, query, patch_size)
+    radius = patch_size // 2
+    height, width = query.shape
+    rows = query.flatten().nonzero().squeeze(1)
+    result = torch.full((height * width,), -1, dtype=torch.long, device=A.device)
+    if rows.numel() == 0:
+        return result.view(height, width)
+    fixed = _fixed_bytes(A, BP, rows.numel(), radius, per_position=A.shape[0] + 2)  # normalised copies, norms
+    chunk = _chunk_for(A, BP, rows.numel(), radius, fixed, budget_bytes)
+    normed_a, normed_bp = _normalize(A), _normalize(BP)
+    work = _Workspace(A, chunk, tuple(BP.shape[1:]), radius)
+    for part in rows.split(chunk):
+        dots = _window_dots(normed_a, normed_bp, part, radius, work)
+        _apply_border_rule(dots, part, (height, width), radius)
+        result[part] = dots.view(part.numel(), -1).argmax(1)
+    return result.view(height, width)
+
+
+@torch.no_grad()
+def normalized_sum_match_full(A: torch.Tensor, BP: torch.Tensor, query: torch.Tensor, *,
+                              patch_size: int = 3) -> torch.Tensor:
+    """Return the same mapping as ``normalized_sum_match`` (``(H, W)`` int64, -1 outside ``query``) from the full
+    ``(H*W, Hs*Ws)`` score matrix with the border rule applied per pair, as the reference kernels do
+    (cuda_utils.cu patchmatch_conv_kernel + patchmatch_argmax_kernel). Tests and benchmarks only.
+
+    >>> normalized_sum_match_full(torch.rand(4, 5, 6), torch.rand(4, 6, 5), torch.ones(5, 6, dtype=torch.bool)).shape
+    torch.Size([5, 6])
+    """
+    _check_maps(A, BP, query, patch_size)
+    radius = patch_size // 2
+    (_, height, width), (_, style_h, style_w) = A.shape, BP.shape
+    scores = _unfold(_normalize(A), patch_size).T @ _unfold(_normalize(BP), patch_size)
+    p = torch.arange(height * width, device=A.device)
+    q = torch.arange(style_h * style_w, device=A.device)
+    yp, xp, yq, xq = p // width, p % width, q // style_w, q % style_w
+    for part in p.split(max(1, FULL_SLAB_PAIRS // q.numel())):
+        skip = ((xq[None] < radius) & ~(xp[part, None] < radius)) \
+            | ((xq[None] > style_w - 1 - radius) & ~(xp[part, None] > width - 1 - radius)) \
+            | ((yq[None] < radius) & ~(yp[part, None] < radius)) \
+            | ((yq[None] > style_h - 1 - radius) & ~(yp[part, None] > height - 1 - radius))
+        scores[part] = scores[part].masked_fill(skip, float("-inf"))
+    return _argmax_on_query(scores, query)
+
+
+# ------------------------------------------------------------------------------ pass 2 consistency
+def _refine_offsets(radius: int) -> list[tuple[int, int]]:
+    """Offsets (dy, dx) in refineNNF_kernel's loop order: dx outer, dy inner (cuda_utils.cu L1380-1381)."""
+    span = range(-radius, radius + 1)
+    return [(dy, dx) for dx in span for dy in span]
+
+
+@torch.no_grad()
+def refine_mapping(P0: torch.Tensor, tight: torch.Tensor, painting: torch.Tensor, *,
+                   radius: int = 2) -> torch.Tensor:
+    """Return the consistent mapping P (3b): ``(H, W)`` int64 flat indices into the ``(Hs, Ws)`` painting grid.
+
+    For p in ``tight``, the candidates are ``P0(p + o) - o`` (o in [-r, r]^2, p + o inside the map, candidate with
+    r <= x < Ws - r - 1 and r <= y < Hs - r - 1); each costs the mean over o' (p + o' inside, s' = P0(p + o') - o'
+    inside the painting) of the Euclidean RGB distance ``||g(q) - g(s')||``, summed in the kernel's order; the
+    smallest cost wins, ties to the first candidate in dx-outer order; p with no candidate and p outside ``tight``
+    keep P0 (cuda_utils.cu refineNNF_kernel L1360-1440, ``-refine_size 5``). ``painting`` is ``(3, Hs, Ws)`` RGB in
+    [0, 1] resized to the feature grid. Neighbours with P0 = -1 are skipped (the kernel matched every position).
+
+    >>> P0 = torch.arange(30).view(5, 6) % 30
+    >>> refine_mapping(P0, torch.ones(5, 6, dtype=torch.bool), torch.rand(3, 6, 5)).shape
+    torch.Size([5, 6])
+    """
+    if P0.dim() != 2 or tight.shape != P0.shape or tight.dtype != torch.bool:
+        raise ValueError(f"expected P0 (H, W) and a bool tight mask of the same shape, got {tuple(P0.shape)}, "
+                         f"{tight.dtype} {tuple(tight.shape)}")
+    if painting.dim() != 3 or painting.shape[0] != 3:
+        raise ValueError(f"expected painting (3, Hs, Ws), got {tuple(painting.shape)}")
+    height, width = P0.shape
+    flat_p0 = P0.flatten()
+    pos = tight.flatten().nonzero().squeeze(1)
+    if bool((flat_p0[pos] < 0).any()):
+        raise ValueError("P0 must hold a match (>= 0) at every tight position")
+    shifted, term_ok, cand_ok = _shifted_matches(flat_p0, pos, (height, width), tuple(painting.shape[1:]), radius)
+    cost = _refine_costs(painting.reshape(3, -1)[:, shifted], term_ok)
+    best = cost.masked_fill(~cand_ok, float("inf")).argmin(1)
+    chosen = shifted.gather(1, best[:, None]).squeeze(1)
+    result = flat_p0.clone()
+    result[pos] = torch.where(cand_ok.any(1), chosen, flat_p0[pos])
+    return result.view(height, width)
+
+
+def _shifted_matches(flat_p0: torch.Tensor, pos: torch.Tensor, shape: tuple[int, int],
+                     style_shape: tuple[int, int], radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For positions ``pos`` (n,) and offsets o in refine order: ``P0(p + o) - o`` as flat style indices (n, K)
+    (clamped where invalid), whether it may enter the cost (inside both maps) and whether it may be chosen
+    (inside the kernel's asymmetric candidate bound, refineNNF_kernel L1391)."""
+    (height, width), (style_h, style_w) = shape, style_shape
+    offsets = torch.tensor(_refine_offsets(radius), device=pos.device)
+    ny = (pos // width)[:, None] + offsets[None, :, 0]
+    nx = (pos % width)[:, None] + offsets[None, :, 1]
+    inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+    match = flat_p0[ny.clamp(0, height - 1) * width + nx.clamp(0, width - 1)]
+    known = inside & (match >= 0)
+    sy = match.div(style_w, rounding_mode="floor") - offsets[None, :, 0]
+    sx = match % style_w - offsets[None, :, 1]
+    term_ok = known & (sy >= 0) & (sy < style_h) & (sx >= 0) & (sx < style_w)
+    cand_ok = known & (sy >= radius) & (sy < style_h - radius - 1) & (sx >= radius) & (sx < style_w - radius - 1)
+    return sy.clamp(0, style_h - 1) * style_w + sx.clamp(0, style_w - 1), term_ok, cand_ok
+
+
+def _refine_costs(colours: torch.Tensor, term_ok: torch.Tensor) -> torch.Tensor:
+    """``(n, K)`` mean Euclidean RGB distance from each candidate colour to the valid term colours; ``colours`` is
+    ``(3, n, K)``, candidates and terms being the same shifted matches. Sums run in the kernel's order."""
+    total = torch.zeros_like(colours[0])
+    for j in range(colours.shape[2]):
+        diff = colours - colours[:, :, j:j + 1]
+        dist = (diff[0] * diff[0] + diff[1] * diff[1] + diff[2] * diff[2]).sqrt()
+        total += torch.where(term_ok[:, j:j + 1], dist, torch.zeros_like(dist))
+    return total / term_ok.sum(1, keepdim=True).clamp(min=1)
+
+
+@torch.no_grad()
+def used_style_mask(P: torch.Tensor, tight: torch.Tensor, style_shape: tuple[int, int], *,
+                    ring_radius: int = 1) -> torch.Tensor:
+    """Return U ``(Hs, Ws)`` float32 in {0, 1}: 1 on the ``(2r+1)^2`` block (clipped at the borders) around P(p)
+    for every p in ``tight`` (3c; cuda_utils.cu Ring2_kernel L1159-1184, ``-ring_radius 1``).
+
+    >>> used_style_mask(torch.zeros(5, 6, dtype=torch.long), torch.ones(5, 6, dtype=torch.bool), (6, 5)).shape
+    torch.Size([6, 5])
+    """
+    if P.shape != tight.shape or tight.dtype != torch.bool:
+        raise ValueError(f"expected P and a bool tight mask of one (H, W) shape, got {tuple(P.shape)}, "
+                         f"{tight.dtype} {tuple(tight.shape)}")
+    style_h, style_w = style_shape
+    centres = P.flatten()[tight.flatten()]
+    if bool((centres < 0).any()) or bool((centres >= style_h * style_w).any()):
+        raise ValueError("P must hold a style index in [0, Hs*Ws) at every tight position")
+    marks = torch.zeros(style_h * style_w, device=P.device)
+    marks[centres] = 1
+    size = 2 * ring_radius + 1
+    return F.max_pool2d(marks.view(1, 1, style_h, style_w), size, stride=1, padding=ring_radius)[0, 0]
+
+
+def _simple_indices(src: int, dst: int, device: torch.device) -> torch.Tensor:
+    """torch/image scaleSimple source indices: ``(long)(i * (float)src / (float)dst)``, clamped to src - 1."""
+    scale = torch.tensor(src, dtype=torch.float32) / torch.tensor(dst, dtype=torch.float32)
+    index = (torch.arange(dst, dtype=torch.float32) * scale).long().clamp(max=src - 1)
+    return index.to(device)
+
+
+def upsample_used_mask(U: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Return ``U`` ``(Hs, Ws)`` resized to ``shape`` = (h, w) by nearest neighbour as torch/image
+    ``scale(..., 'simple')`` does (neural_paint.lua L165; image.c Main_scaleSimple), values kept in {0, 1}.
+
+    >>> upsample_used_mask(torch.ones(3, 4), (6, 8)).shape
+    torch.Size([6, 8])
+    """
+    if U.dim() != 2:
+        raise ValueError(f"expected U (Hs, Ws), got {tuple(U.shape)}")
+    rows = _simple_indices(U.shape[0], shape[0], U.device)
+    cols = _simple_indices(U.shape[1], shape[1], U.device)
+    return U[rows][:, cols]

@@ -1,0 +1,207 @@
+"""Histogram target and remap (ALGORITHM.md section 3d) against loop oracles of the CUDA kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from harmonize_core.histogram import HistogramTarget, histogram_target, remap_histogram, remap_histogram_naive
+
+BINS = 256
+EDGE_GUARD = 1e-9  # in bins; float64 rounding of vmin + b * step is ~1e-13 bins
+
+
+def oracle_histogram(style: np.ndarray, used: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """histogram_kernel (cuda_utils.cu L102-133) in float32: counts per bin, min and max over U."""
+    values = style[:, used]
+    vmin, vmax = values.min(1), values.max(1)
+    hist = np.zeros((style.shape[0], bins), dtype=np.float32)
+    for channel in range(style.shape[0]):
+        lo, hi = vmin[channel], vmax[channel]
+        if lo == hi:
+            lo, hi = np.float32(lo - 1), np.float32(hi + 1)
+        for value in values[channel]:
+            index = min(int(np.float32(np.float32(value - lo) / np.float32(hi - lo)) * np.float32(bins)), bins - 1)
+            hist[channel, index] += 1
+    return hist, vmin, vmax
+
+
+def oracle_remap(feat: np.ndarray, query: np.ndarray, hist: np.ndarray, cum: np.ndarray, vmin: np.ndarray,
+                 vmax: np.ndarray, bins: int) -> np.ndarray:
+    """hist_remap2_kernel (L233-291): binary search with the -0.5 / +0.5 sentinels, ratio, value; float64."""
+    result = feat.astype(np.float64).copy()
+    for channel in range(feat.shape[0]):
+        values = feat[channel][query]
+        order = np.argsort(values, kind="stable")
+        remapped = np.empty(values.shape, dtype=np.float64)
+        for rank, element in enumerate(order):
+            start, end, middle, found = 0, bins - 1, (bins - 1) // 2, -1
+            while start <= end:
+                cdf_end = cum[channel, middle] + (0.5 if middle == bins - 1 else 0.0)
+                cdf_start = -0.5 if middle == 0 else cum[channel, middle - 1]
+                if rank >= cdf_end:
+                    start = middle + 1
+                elif rank < cdf_start:
+                    end = middle - 1
+                else:
+                    found = middle
+                    break
+                middle = (start + end) // 2
+            count = hist[channel, found]
+            ratio = min(max((rank - (cum[channel, found] - count)) / (count + 1e-8), 0.0), 1.0)
+            step = (vmax[channel] - vmin[channel]) / bins
+            remapped[element] = vmin[channel] + (found + ratio) * step
+        result[channel][query] = remapped
+    return result
+
+
+def _distinct_channels(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Three channels with very different ranges and shapes: uniform [0, 1], exponential around 100, bimodal < 0."""
+    uniform = torch.rand(n, generator=generator)
+    exponential = 100 + 50 * torch.empty(n).exponential_(generator=generator)
+    bimodal = torch.where(torch.rand(n, generator=generator) < 0.3, -5 + torch.rand(n, generator=generator) * 2,
+                          7 + torch.rand(n, generator=generator))
+    return torch.stack([uniform, exponential, bimodal])
+
+
+def _case(seed: int = 0, n_style: tuple[int, int] = (30, 40), n_feat: tuple[int, int] = (28, 36)):
+    generator = torch.Generator().manual_seed(seed)
+    style = _distinct_channels(n_style[0] * n_style[1], generator).view(3, *n_style)
+    used = torch.rand(*n_style, generator=generator) < 0.5
+    feat = torch.randn(3, *n_feat, generator=generator).relu() * torch.tensor([3.0, 0.1, 20.0])[:, None, None]
+    query = torch.rand(*n_feat, generator=generator) < 0.6
+    return style, used, feat, query
+
+
+def _rehistogram(values: torch.Tensor, target: HistogramTarget) -> torch.Tensor:
+    """Counts of ``values`` (C, n) in the target's bins on [vmin, vmax], with the target's binning formula; a value
+    the remap put exactly on a bin's lower edge (ratio 0) may round just below it, hence the 1e-9 bin guard."""
+    scale = (target.vmax - target.vmin).clamp(min=1e-30)[:, None]
+    position = (values - target.vmin[:, None]) / scale * target.bins
+    index = (position + EDGE_GUARD).floor().clamp(0, target.bins - 1).long()
+    return torch.zeros_like(target.hist).scatter_add_(1, index, torch.ones_like(values))
+
+
+# ---------------------------------------------------------------------------------------------- target
+def test_histogram_target_equals_loop_oracle():
+    style, used, _, _ = _case(1)
+    n_used = int(used.sum())
+    target = histogram_target(style, used, n_query=n_used)
+    hist, vmin, vmax = oracle_histogram(style.numpy(), used.numpy(), BINS)
+    np.testing.assert_array_equal(target.hist.numpy(), hist)
+    np.testing.assert_array_equal(target.vmin.numpy(), vmin)
+    np.testing.assert_array_equal(target.vmax.numpy(), vmax)
+    np.testing.assert_allclose(target.cum.numpy(), np.cumsum(hist, axis=1), rtol=0, atol=1e-3)
+    assert target.cum[:, -1].tolist() == [n_used] * 3 and target.bins == BINS
+
+
+def test_histogram_target_scales_to_the_query_count():
+    style, used, _, _ = _case(2)
+    unscaled = histogram_target(style, used, n_query=int(used.sum()))
+    scaled = histogram_target(style, used, n_query=1000)
+    np.testing.assert_allclose(scaled.hist.numpy(), unscaled.hist.numpy() * 1000 / int(used.sum()), rtol=1e-6)
+    np.testing.assert_allclose(scaled.cum[:, -1].numpy(), [1000.0] * 3, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- remap
+def test_remap_equals_kernel_loop_oracle():
+    style, used, feat, query = _case(3, n_style=(12, 15), n_feat=(10, 14))
+    target = histogram_target(style.double(), used, n_query=int(query.sum()))
+    expected = oracle_remap(feat.double().numpy(), query.numpy(), target.hist.numpy(), target.cum.numpy(),
+                            target.vmin.numpy(), target.vmax.numpy(), BINS)
+    np.testing.assert_allclose(remap_histogram(feat.double(), query, target).numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_query_equals_n_used", [True, False])
+def test_remap_output_has_each_channels_target_histogram(n_query_equals_n_used):
+    """Each channel's remapped values fall in its own bins with the target's counts: exactly when the counts are
+    integers (n_query = n_used), else within the +-1 of rounding the scaled counts to whole elements."""
+    style, used, feat, query = _case(4)
+    if n_query_equals_n_used:
+        query = torch.zeros(feat.shape[1:], dtype=torch.bool)
+        query.view(-1)[:int(used.sum())] = True
+    target = histogram_target(style.double(), used, n_query=int(query.sum()))
+    remapped = remap_histogram(feat.double(), query, target)[:, query]
+    assert bool((remapped >= target.vmin[:, None]).all()) and bool((remapped <= target.vmax[:, None]).all())
+    counts = _rehistogram(remapped, target)
+    assert counts.sum(1).tolist() == [int(query.sum())] * 3
+    deviation = (counts - target.hist).abs().max().item()
+    assert deviation <= (1e-6 if n_query_equals_n_used else 1.0 + 1e-6)
+
+
+def test_histogram_check_detects_the_channel0_bug():
+    """Reading every channel's histogram from channel 0 (sgugger's cell 130) fails the check above."""
+    style, used, feat, query = _case(5)
+    target = histogram_target(style.double(), used, n_query=int(query.sum()))
+    buggy = dataclasses.replace(target, hist=target.hist[:1].expand_as(target.hist).contiguous(),
+                                cum=target.cum[:1].expand_as(target.cum).contiguous())
+    counts = _rehistogram(remap_histogram(feat.double(), query, buggy)[:, query], target)
+    assert (counts - target.hist)[1:].abs().max().item() > 10
+
+
+def test_fast_remap_equals_naive():
+    generator = torch.Generator().manual_seed(6)
+    style = torch.randn(8, 20, 24, generator=generator).relu() * torch.rand(8, 1, 1, generator=generator) * 10
+    used = torch.rand(20, 24, generator=generator) < 0.4
+    feat = torch.randn(8, 30, 26, generator=generator).relu()
+    query = torch.rand(30, 26, generator=generator) < 0.5
+    for bins in (BINS, 16):
+        target = histogram_target(style, used, n_query=int(query.sum()), bins=bins)
+        fast, naive = remap_histogram(feat, query, target), remap_histogram_naive(feat, query, target)
+        np.testing.assert_allclose(fast.numpy(), naive.numpy(), rtol=0, atol=1e-5)
+
+
+def test_remap_preserves_rank_order_within_each_channel():
+    style, used, feat, query = _case(7)
+    feat = feat + 0.01 * torch.randn(feat.shape, generator=torch.Generator().manual_seed(8))  # no ties
+    target = histogram_target(style, used, n_query=int(query.sum()))
+    values, remapped = feat[:, query], remap_histogram(feat, query, target)[:, query]
+    order = values.argsort(dim=1)
+    assert bool((remapped.gather(1, order).diff(dim=1) >= 0).all())
+
+
+def test_remap_leaves_values_outside_the_mask_untouched():
+    style, used, feat, query = _case(9)
+    feat.requires_grad_(True)
+    target = histogram_target(style, used, n_query=int(query.sum()))
+    result = remap_histogram(feat, query, target)
+    assert not result.requires_grad
+    assert torch.equal(result[:, ~query], feat.detach()[:, ~query])
+    assert not torch.equal(result[:, query], feat.detach()[:, query])
+
+
+def test_flat_style_channel_maps_to_its_constant():
+    """min == max: the histogram bins on [min - 1, max + 1] (all counts in the middle bin) and the remap's step
+    is 0, so every masked value becomes that constant (histogram_kernel L116-119, hist_remap2_kernel L244)."""
+    style, used, feat, query = _case(10)
+    style[1] = 3.5
+    target = histogram_target(style, used, n_query=int(query.sum()))
+    assert float(target.vmin[1]) == float(target.vmax[1]) == 3.5
+    assert float(target.hist[1, BINS // 2]) == pytest.approx(float(query.sum()))
+    assert float(target.hist[1].sum() - target.hist[1, BINS // 2]) == 0.0
+    result = remap_histogram(feat, query, target)
+    assert bool((result[1][query] == 3.5).all())
+    np.testing.assert_allclose(result.numpy(), remap_histogram_naive(feat, query, target).numpy(), atol=1e-5)
+
+
+def test_remap_with_an_empty_query_returns_the_input():
+    style, used, feat, _ = _case(11)
+    target = histogram_target(style, used, n_query=0)
+    query = torch.zeros(feat.shape[1:], dtype=torch.bool)
+    assert torch.equal(remap_histogram(feat, query, target), feat)
+
+
+def test_boundary_checks():
+    style, used, feat, query = _case(12)
+    with pytest.raises(ValueError, match="empty"):
+        histogram_target(style, torch.zeros_like(used), n_query=5)
+    with pytest.raises(ValueError, match="bool"):
+        histogram_target(style, used.float(), n_query=5)
+    target = histogram_target(style, used, n_query=int(query.sum()))
+    with pytest.raises(ValueError, match="bins"):
+        remap_histogram(feat[:2], query, target)
+    assert math.isclose(float(target.cum[0, -1]), float(query.sum()), rel_tol=1e-5)

@@ -1,0 +1,226 @@
+"""The ``harmonize`` command: ``one``, ``validate``, ``run``, ``serve`` and ``demo``.
+
+Exit codes: 0 success; 1 some items failed or some manifest rows are invalid; 2 a problem for the user to fix
+(unreadable manifest, missing columns, bad flag value, weights unavailable), printed as one line without a
+traceback. ``run`` and ``demo`` use Prefect's local ephemeral API (no server needed); Prefect's console logging is
+quiet unless ``--verbose``, and the pipeline's own progress lines (per item and stage) are printed instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: no telemetry attempts
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # Prefect's own console lines and tracebacks
+}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+RUN_OVERRIDES = ("tau", "size", "pass1_iters", "pass2_iters")  # run-level defaults a row's cells may override
+DEMO_OUT = "demo-out"
+DEMO_BACKBONE, DEMO_WEIGHTS = "vgg16", "offline-vgg16"
+
+
+def _configure_environment(verbose: bool) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", QUIET_ENV["PREFECT_SERVER_ANALYTICS_ENABLED"])
+    if not verbose:
+        for name, value in QUIET_ENV.items():
+            os.environ.setdefault(name, value)
+
+
+class _ProgressFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(getattr(record, "harmonize_progress", False))
+
+
+def _show_progress() -> logging.Handler:
+    """Print the pipeline's progress records (marked by ``tasks.stages.PROGRESS``) as plain lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ProgressFilter())
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    logging.getLogger("prefect").addHandler(handler)
+    return handler
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in RUN_OVERRIDES if getattr(args, name, None) is not None}
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``harmonize validate MANIFEST``: print every problem as a table; exit 0 if all valid, 1 if not."""
+    from manifests import RunSettings, check_run_settings, validate_manifest
+
+    run = RunSettings(preset=args.preset, overrides=_run_overrides(args)).with_overrides(
+        backbone=args.backbone, weights=args.weights)
+    check_run_settings(run)
+    report = validate_manifest(args.manifest, run)
+    print(report.table())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def run_flow(manifest: str, out: str, args: argparse.Namespace, only_ids: list[str] | None = None) -> int:
+    """Run ``harmonize_manifest`` in-process and print the outcome; return the exit code."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from harmonize_core.errors import HarmonizeError
+
+    from .harmonize import ItemsFailed, harmonize_manifest
+
+    flow = harmonize_manifest
+    if args.workers:
+        flow = flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    handler = None if args.verbose else _show_progress()
+    started = time.perf_counter()
+    try:
+        with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True} if args.refresh else {}):
+            state = flow(manifest=manifest, out=out, preset=args.preset, device=args.device, backbone=args.backbone,
+                         weights=args.weights, overrides=_run_overrides(args), strict=args.strict,
+                         only_ids=only_ids, return_state=True)
+    finally:
+        if handler is not None:
+            logging.getLogger("prefect").removeHandler(handler)
+    result = state.result(raise_on_failure=False)
+    seconds = time.perf_counter() - started
+    if isinstance(result, HarmonizeError):
+        raise result
+    if isinstance(result, ItemsFailed):
+        for row in result.rows:
+            if row["status"] != "completed":
+                print(f"{row['status']}: {row['id'] or 'row ' + str(row['row'])}: {row['error']}", file=sys.stderr)
+        print(f"{result} ({seconds:.0f} s); rerun them with --only-failed {result.summary_uri}", file=sys.stderr)
+        return EXIT_FAILED
+    if isinstance(result, BaseException):
+        raise result
+    cached = sum(1 for row in result["rows"] if row.get("cached"))
+    print(f"{result['completed']} items completed ({cached} with cached stages) in {seconds:.0f} s; "
+          f"outputs under {out}; summary: {result['summary']}")
+    return EXIT_OK
+
+
+def preflight(manifest: str, args: argparse.Namespace) -> None:
+    """Fail fast, before Prefect starts, on a missing manifest or invalid run-level flags (``InputError``)."""
+    from harmonize_core.errors import InputError
+    from manifests import RunSettings, check_run_settings
+    from tasks import storage
+
+    check_run_settings(RunSettings(preset=args.preset, overrides=_run_overrides(args)).with_overrides(
+        backbone=args.backbone, weights=args.weights))
+    if not storage.exists(manifest):
+        raise InputError(f"{manifest}: manifest not found (give a CSV path or s3:// URI)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``harmonize run MANIFEST --out URI``: run the flow; exit 0, or 1 when any item failed or was invalid."""
+    preflight(args.manifest, args)
+    only_ids = None
+    if args.only_failed:
+        from .summary import rerun_ids
+
+        only_ids = rerun_ids(args.only_failed)
+        if not only_ids:
+            print(f"nothing to rerun: {args.only_failed} lists no failed or invalid items")
+            return EXIT_OK
+    return run_flow(args.manifest, args.out, args, only_ids)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``harmonize demo``: make the procedural demo dataset in ``--out`` and run the flow on it.
+
+    The demo manifest carries ``DEMO_OVERRIDES`` (size, iterations) in its cells; ``--size``/``--pass1-iters``/
+    ``--pass2-iters``/``--tau`` given here are written into those cells instead of applying run-wide.
+    """
+    from harmonize_core.demo_data import DEMO_OVERRIDES, write_demo
+
+    cells = {**DEMO_OVERRIDES, **{k: str(v) for k, v in _run_overrides(args).items()}}
+    for name in RUN_OVERRIDES:
+        setattr(args, name, None)
+    out = Path(args.out).resolve()
+    manifest = write_demo(out / "inputs", overrides=cells)
+    settings = ", ".join(f"{k} {v}" for k, v in cells.items())
+    print(f"demo inputs: {manifest} (3 procedural paintings, each with a pasted object and its mask)\n"
+          f"demo settings: preset {args.preset}, {settings}, backbone {args.backbone}, weights {args.weights}")
+    preflight(str(manifest), args)
+    code = run_flow(str(manifest), str(out / "results"), args)
+    print(f"demo outputs: {out / 'results'}/<id>/reconstruct.png (each stage's .png and .json beside it)")
+    return code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``harmonize serve MANIFEST --out URI --cron CRON``: serve the flow on a schedule (needs a Prefect server)."""
+    from .deploy import serve
+
+    preflight(args.manifest, args)
+    serve(args.manifest, args.out, cron=args.cron, preset=args.preset, device=args.device, backbone=args.backbone,
+          weights=args.weights, overrides=_run_overrides(args), strict=args.strict)
+    return EXIT_OK
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from harmonize_core.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--strict", action="store_true", help="any invalid row stops the run before it starts")
+    parser.add_argument("--workers", type=int, default=None, help="items in flight at once (default 4)")
+    parser.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring (and replacing) "
+                        "the cache records under OUT/.cache")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``harmonize`` argument parser: one, validate, run, serve, demo."""
+    from harmonize_core.cli import add_config_arguments, add_one_parser, run_one
+
+    parser = argparse.ArgumentParser(prog="harmonize", description="Deep Painterly Harmonization, batch or one.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_one_parser(sub).set_defaults(handler=run_one, verbose=True)
+
+    validate = sub.add_parser("validate", help="check a manifest and list every problem (row and column)")
+    validate.add_argument("manifest", help="CSV path or s3:// URI")
+    add_config_arguments(validate)
+    validate.set_defaults(handler=cmd_validate, verbose=True)
+
+    run = sub.add_parser("run", help="harmonize every item of a manifest (cached, retried, summarised)")
+    run.add_argument("manifest", help="CSV path or s3:// URI")
+    run.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    run.add_argument("--only-failed", metavar="SUMMARY", help="rerun only the failed/invalid items of a summary.csv")
+    _add_run_arguments(run)
+    run.set_defaults(handler=cmd_run)
+
+    serve = sub.add_parser("serve", help="run a manifest on a cron schedule (Flow.serve; needs PREFECT_API_URL)")
+    serve.add_argument("manifest", help="CSV path or s3:// URI")
+    serve.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: every night at 02:00)")
+    _add_run_arguments(serve)
+    serve.set_defaults(handler=cmd_serve, verbose=True)
+
+    demo = sub.add_parser("demo", help="make a small procedural dataset and harmonize it (quick preset)")
+    demo.add_argument("--out", default=DEMO_OUT, help=f"folder for inputs and results (default ./{DEMO_OUT})")
+    _add_run_arguments(demo)
+    demo.set_defaults(handler=cmd_demo, backbone=DEMO_BACKBONE, weights=DEMO_WEIGHTS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``harmonize`` command line and return its exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    _configure_environment(getattr(args, "verbose", False))
+    from harmonize_core.errors import HarmonizeError
+
+    from .text import one_line
+
+    try:
+        return args.handler(args)
+    except HarmonizeError as exc:
+        print(f"harmonize: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

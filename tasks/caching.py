@@ -1,0 +1,136 @@
+"""Content-addressed cache keys for the stage tasks, and where the cache records live.
+
+Key (``stage_cache_key``): sha256 over the stage name, the sha256 digests of the item's three input files and of the
+upstream stage outputs the task reads, the stage's own config section (``config.stage_section``), the backbone
+weights' digest (pass1/pass2) and the core's version (plus ``CACHE_SCHEMA`` to invalidate deliberately). It never
+includes a URI, the item id, the row number, the run or the device: a curator's edit to one row changes only that
+row's digests, and a config change to one stage changes that stage's key and, through its new output digest, the
+keys of the stages after it.
+
+Records: each task returns a small JSON record ``{stage, uri, sha256, metrics_uri, summary}`` that Prefect persists
+(JSON serializer) under ``<out>/.cache/<key>``, i.e. in the run's own output storage, so any worker on any machine
+that writes to the same output location finds it:
+
+- a local output folder: ``result_storage=Path("<out>/.cache")`` (Prefect builds a ``LocalFileSystem`` at run time;
+  a ``Path`` needs no saved block);
+- an ``s3://`` output prefix: Prefect only accepts *saved* blocks (or their slug) as task result storage, so
+  ``prepare_result_storage`` saves an ``S3Bucket`` block named after a digest of the output prefix
+  (``s3-bucket/harmonize-cache-<digest>``) on whatever Prefect API the flow runs against (the ephemeral local one
+  or a server), and the tasks get the slug, resolved lazily when they run. Its ``AwsCredentials()`` carry no
+  secrets or endpoint: boto3's standard chain (``AWS_ENDPOINT_URL_S3`` ...) applies, as in ``tasks.storage``.
+
+The flow applies the storage with ``task.with_options(result_storage=...)`` at run time (decorators run at import,
+before the output location is known). Because keys ignore the item id, a hit may return a record whose outputs sit
+under another item's folder (an identical row) or were deleted since; ``flows.item`` checks every record against
+``uri_for(out, id, stage)`` by digest and copies, or recomputes with ``refresh_cache=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+
+import harmonize_core
+from harmonize_core.config import HarmonizeConfig, apply_overrides, stage_section
+
+from . import storage
+
+CACHE_SCHEMA = "1"  # bump to invalidate every stage record at once
+FILE_INPUTS: tuple[str, ...] = ("content", "style", "mask")
+# The upstream stage records each task reads (parameter names of the tasks in tasks.stages).
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "dilate": (),
+    "pass1": ("loose",),
+    "blend": ("pass1",),
+    "pass2": ("loose", "blended"),
+    "reconstruct": ("pass2",),
+}
+NAMED_WEIGHTS_PREFIXES = ("imagenet", "offline-", "random:")  # weights sources that are names, not files
+BLOCK_PREFIX = "harmonize-cache-"
+BLOCK_DIGEST_CHARS = 16
+
+
+def config_from_dict(values: dict[str, Any]) -> HarmonizeConfig:
+    """Return the ``HarmonizeConfig`` whose ``to_dict()`` is ``values`` (rebuilt through ``apply_overrides``)."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{field}": item for field, item in value.items()})
+        else:
+            flat[name] = value
+    return apply_overrides(HarmonizeConfig(), flat)
+
+
+def key_section(config: HarmonizeConfig, stage: str) -> dict[str, Any]:
+    """Return the config section that keys ``stage``; a weights *file*'s location becomes "file" (its digest counts,
+    its ``#convention`` suffix stays)."""
+    section = stage_section(config, stage)
+    backbone = section.get("backbone")
+    if backbone and not str(backbone["weights"]).startswith(NAMED_WEIGHTS_PREFIXES):
+        _, mark, convention = str(backbone["weights"]).partition("#")
+        section = {**section, "backbone": {**backbone, "weights": f"file{mark}{convention}"}}
+    return section
+
+
+def stage_cache_key(stage: str, digests: dict[str, str], config: HarmonizeConfig,
+                    weights_digest: str | None = None) -> str:
+    """Return the hex sha256 cache key of one stage run (see the module docstring for what goes in)."""
+    payload = {"schema": CACHE_SCHEMA, "core": harmonize_core.__version__, "stage": stage,
+               "inputs": dict(sorted(digests.items())), "config": key_section(config, stage),
+               "weights": weights_digest if stage in ("pass1", "pass2") else None}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def input_digests(stage: str, inputs: dict[str, Any]) -> dict[str, str]:
+    """Return ``{name: sha256}`` of a stage task's inputs: the item's files and its upstream records."""
+    files = inputs["item"]["files"]
+    digests = {name: files[name]["sha256"] for name in FILE_INPUTS}
+    digests.update({name: inputs[name]["sha256"] for name in UPSTREAM[stage]})
+    return digests
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Prefect cache policy computing ``stage_cache_key`` from a stage task's parameters."""
+
+    stage: str = ""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        """Return the stage's content-addressed key (ignores ``out``, ``device`` and the item id)."""
+        config = config_from_dict(inputs["item"]["config"])
+        backbone = inputs.get("backbone") or {}
+        return stage_cache_key(self.stage, input_digests(self.stage, inputs), config, backbone.get("digest"))
+
+
+def block_name(out: str) -> str:
+    """Return the name of the saved S3 result-storage block for output location ``out``."""
+    digest = hashlib.sha256(storage.cache_uri(out).encode()).hexdigest()[:BLOCK_DIGEST_CHARS]
+    return f"{BLOCK_PREFIX}{digest}"
+
+
+def result_storage_for(out: str) -> Path | str:
+    """Return what to pass as ``result_storage`` for output location ``out``: a ``Path`` or a block slug."""
+    if storage.is_s3(out):
+        return f"s3-bucket/{block_name(out)}"
+    return storage.local_path(storage.cache_uri(out))
+
+
+def prepare_result_storage(out: str) -> Path | str:
+    """Create what ``result_storage_for(out)`` names (a folder, or a saved ``S3Bucket`` block) and return it."""
+    reference = result_storage_for(out)
+    if isinstance(reference, Path):
+        reference.mkdir(parents=True, exist_ok=True)
+        return reference
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    bucket, prefix = storage.split_s3(storage.cache_uri(out))
+    S3Bucket(bucket_name=bucket, bucket_folder=prefix, credentials=AwsCredentials()).save(
+        block_name(out), overwrite=True)
+    return reference

@@ -1,0 +1,194 @@
+"""The five stage tasks: dilate -> pass1 -> blend -> pass2 -> reconstruct, each a thin wrapper of one core stage.
+
+A task reads its inputs by URI, calls ``harmonize_core.stages``, writes ``<out>/<id>/<stage>.png`` and
+``<out>/<id>/<stage>.json`` (the stage's metrics) and returns a small JSON record (never tensors)::
+
+    {"stage": "pass1", "uri": ".../pass1.png", "sha256": "...", "metrics_uri": ".../pass1.json",
+     "summary": {"seconds": 12.3, "final_loss": 0.41}}
+
+Policies live on the decorator (``stage_task``): the content-addressed cache (``tasks.caching``), retries with
+exponential backoff on transient errors only (storage hiccups, CUDA out of memory; never bad input), and a ``gpu``
+tag on the network stages for a Prefect tag concurrency limit (``prefect concurrency-limit create gpu 1``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
+
+from harmonize_core import stages as core
+from harmonize_core.errors import HarmonizeError, InputError
+from harmonize_core.images import decode_image, decode_mask, decode_png_exact, encode_png
+
+from . import storage
+from .backbones import load_for_task
+from .caching import StageCache, config_from_dict
+
+GPU_TAG = "gpu"
+RETRIES = 3
+BACKOFF_SECONDS = 2.0  # waits 2, 4, 8 s between attempts
+PROGRESS = {"harmonize_progress": True}  # log-record marker the CLI uses to show progress lines when quiet
+SUMMARY_KEYS = ("seconds", "tau", "evaluations", "loose_fraction")
+
+
+class ComputeLog:
+    """Which (stage, item id) pairs actually ran a core stage in this process (cache hits never do)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: list[tuple[str, str]] = []
+
+    def add(self, stage: str, item_id: str) -> None:
+        """Record that ``stage`` computed for ``item_id``."""
+        with self._lock:
+            self._runs.append((stage, item_id))
+
+    def runs(self) -> list[tuple[str, str]]:
+        """Return the recorded (stage, item id) pairs in order."""
+        with self._lock:
+            return list(self._runs)
+
+    def clear(self) -> None:
+        """Forget everything recorded so far."""
+        with self._lock:
+            self._runs.clear()
+
+
+COMPUTED = ComputeLog()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return True for errors a retry may cure: connections, timeouts, CUDA OOM; never a ``HarmonizeError``."""
+    if isinstance(exc, HarmonizeError):
+        return False
+    return isinstance(exc, (ConnectionError, TimeoutError, torch.cuda.OutOfMemoryError))
+
+
+def retry_on_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when the failed attempt's exception is transient."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - state.result re-raises the task's own exception
+        return is_transient(exc)
+    return False
+
+
+def stage_task(stage: str, gpu: bool = False) -> Callable:
+    """Return the ``@task`` decorator shared by the stage tasks (cache, JSON records, retries, tags)."""
+    return task(name=stage, task_run_name=f"{stage}-{{item[id]}}", cache_policy=StageCache(stage=stage),
+                result_serializer="json", cache_result_in_memory=False, persist_result=True,
+                retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=BACKOFF_SECONDS),
+                retry_condition_fn=retry_on_transient, tags=[GPU_TAG] if gpu else [])
+
+
+def read_verified(ref: dict[str, str]) -> bytes:
+    """Return the bytes at ``ref["uri"]``, checking they still have digest ``ref["sha256"]`` (the key's input)."""
+    data = storage.read_bytes(ref["uri"])
+    if storage.sha256_bytes(data) != ref["sha256"]:
+        raise InputError(f"{ref['uri']}: changed since it was validated or written; rerun the manifest")
+    return data
+
+
+def load_inputs(item: dict[str, Any], device: str) -> tuple[core.ItemInputs, Any]:
+    """Return (the item's inputs at working size on ``device``, its ``HarmonizeConfig``)."""
+    from harmonize_core.vgg import resolve_device
+
+    config = config_from_dict(item["config"])
+    files = item["files"]
+    target = resolve_device(device)
+    content = decode_image(read_verified(files["content"]), files["content"]["uri"]).to(target)
+    style = decode_image(read_verified(files["style"]), files["style"]["uri"]).to(target)
+    mask = decode_mask(read_verified(files["mask"]), files["mask"]["uri"], config.masks.binarize_threshold)
+    names = (files["content"]["uri"], files["style"]["uri"], files["mask"]["uri"])
+    return core.prepare_inputs(content, style, mask.to(target), config, names=names), config
+
+
+def load_stage_image(record: dict[str, Any], device: str) -> torch.Tensor:
+    """Return an upstream stage's PNG as ``(1, C, H, W)`` float in [0, 1] on ``device`` (exact 8-bit levels)."""
+    from harmonize_core.vgg import resolve_device
+
+    return decode_png_exact(read_verified(record), record["uri"]).to(resolve_device(device))
+
+
+def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Return the few metrics worth carrying in the record: seconds, final loss, tau, evaluations."""
+    summary = {key: metrics[key] for key in SUMMARY_KEYS if isinstance(metrics.get(key), (int, float, str))}
+    final = metrics.get("final")
+    if isinstance(final, dict) and "total" in final:
+        summary["final_loss"] = final["total"]
+    return summary
+
+
+def save_stage(out: str, item: dict[str, Any], output: core.StageOutput, stage: str) -> dict[str, Any]:
+    """Write the stage's PNG and metrics JSON under ``<out>/<id>/`` and return the task's record."""
+    uri = storage.uri_for(out, item["id"], stage, "png")
+    digest = storage.write_bytes(uri, encode_png(output.image))
+    metrics = {**output.metrics, "item": item["id"], "inputs": {k: v["sha256"] for k, v in item["files"].items()}}
+    metrics_uri = storage.uri_for(out, item["id"], stage, "json")
+    storage.write_bytes(metrics_uri, json.dumps(metrics, indent=2, sort_keys=True, default=str).encode())
+    COMPUTED.add(stage, item["id"])
+    return {"stage": stage, "uri": uri, "sha256": digest, "metrics_uri": metrics_uri,
+            "summary": summarize(output.metrics)}
+
+
+def progress_logger(item_id: str) -> Callable[[core.Iterate], None]:
+    """Return a callback logging the core's ``Iterate`` events (emitted every ``log_every`` iterations)."""
+    logger = get_run_logger()
+
+    def report(event: core.Iterate) -> None:
+        total = event.losses.get("total", float("nan"))
+        logger.info("%s %s %d/%d loss %.4g (%.1f s)", item_id, event.stage, event.step, event.total, total,
+                    event.elapsed, extra=PROGRESS)
+
+    return report
+
+
+@stage_task("dilate")
+def dilate(item: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
+    """Write the loose mask M+ (``dilate.png``, 0/255 grey) and return its record."""
+    inputs, config = load_inputs(item, device)
+    return save_stage(out, item, core.dilate(inputs, config), "dilate")
+
+
+@stage_task("pass1", gpu=True)
+def pass1(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any], out: str,
+          device: str = "cpu") -> dict[str, Any]:
+    """Write pass 1's optimised image (``pass1.png``, unblended) and its loss curves; return the record."""
+    inputs, config = load_inputs(item, device)
+    network = load_for_task(backbone, device)
+    output = core.pass1(inputs, load_stage_image(loose, device), network, config, progress_logger(item["id"]))
+    return save_stage(out, item, output, "pass1")
+
+
+@stage_task("blend")
+def blend(item: dict[str, Any], pass1: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
+    """Write pass 1's image feathered into the painting (``blend.png``) and return its record."""
+    inputs, config = load_inputs(item, device)
+    return save_stage(out, item, core.blend(load_stage_image(pass1, device), inputs, config), "blend")
+
+
+@stage_task("pass2", gpu=True)
+def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], backbone: dict[str, Any],
+          out: str, device: str = "cpu") -> dict[str, Any]:
+    """Write pass 2's image blended into the painting (``pass2.png``) and its loss curves; return the record."""
+    inputs, config = load_inputs(item, device)
+    network = load_for_task(backbone, device)
+    output = core.pass2(inputs, load_stage_image(loose, device), load_stage_image(blended, device), network, config,
+                        progress_logger(item["id"]))
+    return save_stage(out, item, output, "pass2")
+
+
+@stage_task("reconstruct", gpu=True)
+def reconstruct(item: dict[str, Any], pass2: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
+    """Write the post-processed final image (``reconstruct.png``) and return its record."""
+    inputs, config = load_inputs(item, device)
+    return save_stage(out, item, core.reconstruct(load_stage_image(pass2, device), inputs, config), "reconstruct")
+
+
+STAGE_TASKS = {"dilate": dilate, "pass1": pass1, "blend": blend, "pass2": pass2, "reconstruct": reconstruct}

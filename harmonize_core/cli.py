@@ -77,18 +77,20 @@ def peak_memory() -> dict[str, float]:
 def run_one(args: argparse.Namespace) -> int:
     """Run ``harmonize one`` and return the exit code (0). ``HarmonizeError`` propagates to the caller."""
     from .io import load_item, save_outputs
-    from .stages import harmonize
+    from .stages import harmonize, prepare_inputs
     from .vgg import load_backbone, resolve_device
 
     config = config_from_args(args)
     started = time.perf_counter()
     content, style, mask = load_item(args.content, args.style, args.mask, config.masks.binarize_threshold)
+    names = (f"content {args.content}", f"style {args.style}", f"mask {args.mask}")
+    prepare_inputs(content, style, mask, config, names=names)  # fail fast on bad input, before loading weights
     device = resolve_device(args.device)
     backbone = load_backbone(config.backbone.name, config.backbone.weights, device=device,
                              ceil_mode=config.backbone.ceil_mode)
     print(f"harmonize one: {Path(args.content).name} at {config.sizing.size} px on {device} "
           f"({config.backbone.name}, weights {config.backbone.weights})", file=sys.stderr)
-    outputs = harmonize(content, style, mask, config, backbone=backbone, progress=_print_progress)
+    outputs = harmonize(content, style, mask, config, backbone=backbone, progress=_print_progress, names=names)
     extra = {"inputs": {"content": str(args.content), "style": str(args.style), "mask": str(args.mask)},
              "config": config.to_dict(), "device": str(device), "weights_digest": backbone.digest,
              "seconds_total": round(time.perf_counter() - started, 3), "peak_memory": peak_memory()}

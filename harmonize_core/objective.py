@@ -123,7 +123,7 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
     ``final`` {term: value}, ``evaluations``, ``seconds_per_evaluation``. ``event(step, total, losses, elapsed)``
     builds the progress event passed to ``progress``.
     """
-    x = x0.detach().clone().requires_grad_(True)
+    x = x0.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     curves: dict[str, list] = {}
     state = {"evaluations": 0, "last": {}}
     started = time.perf_counter()
@@ -136,7 +136,7 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
 
     def closure() -> torch.Tensor:
         total, values, grad = evaluate(problem, x)
-        x.grad = grad
+        x.grad = grad.contiguous()
         step = state["evaluations"]
         if step % max(1, settings.log_every) == 0:
             record(step, values, total)

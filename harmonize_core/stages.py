@@ -75,6 +75,8 @@ def prepare_inputs(
 
 
 def _output(stage: str, image: torch.Tensor, started: float, config: HarmonizeConfig, **metrics: Any) -> StageOutput:
+    if "seconds" in metrics:  # a sub-step breakdown keeps its own key; "seconds" is the stage's wall time
+        metrics["seconds_detail"] = metrics.pop("seconds")
     record = {"stage": stage, "seconds": round(time.perf_counter() - started, 4), "core_version": __version__,
               "config": stage_section(config, stage), **metrics}
     return StageOutput(image=quantize(image.detach().float().cpu()), metrics=record)
@@ -145,7 +147,7 @@ def _estimate_tau(style: torch.Tensor) -> float:
 def harmonize(
     content: torch.Tensor, style: torch.Tensor, mask: torch.Tensor, config: HarmonizeConfig | None = None,
     *, backbone: Any = None, device: str = "auto", progress: ProgressFn | None = None,
-    stages: tuple[str, ...] = STAGES,
+    stages: tuple[str, ...] = STAGES, names: tuple[str, str, str] = ("content", "style", "mask"),
 ) -> dict[str, StageOutput]:
     """Run the stages on one item and return ``{stage: StageOutput}`` in pipeline order.
 
@@ -158,7 +160,7 @@ def harmonize(
     if backbone is None:
         backbone = load_backbone(config.backbone.name, config.backbone.weights, device=device,
                                  ceil_mode=config.backbone.ceil_mode)
-    inputs = prepare_inputs(content, style, mask, config)
+    inputs = prepare_inputs(content, style, mask, config, names=names)
     outputs: dict[str, StageOutput] = {}
     outputs["dilate"] = dilate(inputs, config)
     loose = outputs["dilate"].image

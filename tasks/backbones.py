@@ -7,7 +7,6 @@ network) and checks that the weights still have the digest the keys were compute
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,14 @@ from harmonize_core.errors import InputError
 from . import storage
 
 CONVENTION_MARK = "#"  # harmonize_core.weights: "<file>#caffe" names the file's input convention
-WEIGHTS_CACHE_ENV = "HARMONIZE_WEIGHTS_CACHE"  # where s3:// weights files are downloaded
-DEFAULT_WEIGHTS_CACHE = Path.home() / ".cache" / "painterly-harmonization" / "weights"
+S3_SUBDIR = "s3"  # downloaded s3:// weights files live beside the core's converted weights
 
 
 def weights_cache_dir() -> Path:
-    """Return the local folder for downloaded weights files (``$HARMONIZE_WEIGHTS_CACHE`` or ~/.cache/...)."""
-    return Path(os.environ.get(WEIGHTS_CACHE_ENV) or DEFAULT_WEIGHTS_CACHE)
+    """Return the local folder for downloaded weights files: ``<core weights cache>/s3`` (``$HARMONIZE_CACHE_DIR``)."""
+    from harmonize_core.weights import cache_dir
+
+    return cache_dir() / S3_SUBDIR
 
 
 def local_weights(source: str) -> str:

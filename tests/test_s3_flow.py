@@ -78,12 +78,13 @@ def test_s3_weights_are_downloaded_once_and_keyed_by_content(s3, tmp_path, monke
 
     from harmonize_core.config import preset
     from harmonize_core.weights import file_sha256, random_state_dict
-    from tasks.backbones import WEIGHTS_CACHE_ENV, backbone_spec, load_for_task
+    from harmonize_core.weights import CACHE_DIR_ENV
+    from tasks.backbones import backbone_spec, load_for_task
 
     local = tmp_path / "vgg16.pth"
     torch.save(random_state_dict("vgg16", 3), local)
     s3.put_object(Bucket="data", Key="weights/vgg16.pth", Body=local.read_bytes())
-    monkeypatch.setenv(WEIGHTS_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
     config = preset("quick").replace(**{"backbone.name": "vgg16", "backbone.weights": "s3://data/weights/vgg16.pth"})
     spec = backbone_spec(config, "cpu")
     assert spec["digest"] == file_sha256(local) and spec["weights"] == "s3://data/weights/vgg16.pth"

@@ -75,8 +75,6 @@ def prepare_inputs(
 
 
 def _output(stage: str, image: torch.Tensor, started: float, config: HarmonizeConfig, **metrics: Any) -> StageOutput:
-    if "seconds" in metrics:  # a sub-step breakdown keeps its own key; "seconds" is the stage's wall time
-        metrics["seconds_detail"] = metrics.pop("seconds")
     record = {"stage": stage, "seconds": round(time.perf_counter() - started, 4), "core_version": __version__,
               "config": stage_section(config, stage), **metrics}
     return StageOutput(image=quantize(image.detach().float().cpu()), metrics=record)

@@ -54,12 +54,12 @@ def nearest_level(tau: float) -> float:
 def summarise(name: str, taus: list[float], predictions: list[float]) -> dict[str, float]:
     """Print and return level agreement, confusion matrix (rows: authors' level) and mean absolute error."""
     truth, guess = [nearest_level(t) for t in taus], [nearest_level(p) for p in predictions]
-    agree = sum(t == g for t, g in zip(truth, guess))
-    mae = sum(abs(t - p) for t, p in zip(taus, predictions)) / len(taus)
+    agree = sum(t == g for t, g in zip(truth, guess, strict=False))
+    mae = sum(abs(t - p) for t, p in zip(taus, predictions, strict=False)) / len(taus)
     print(f"{name}: level agreement {agree}/{len(taus)} = {agree / len(taus):.3f}, mean absolute error {mae:.3f}")
     print("    authors' level -> predicted 1 / 5 / 10")
     for level in LEVELS:
-        row = [sum(t == level and g == other for t, g in zip(truth, guess)) for other in LEVELS]
+        row = [sum(t == level and g == other for t, g in zip(truth, guess, strict=False)) for other in LEVELS]
         print(f"    {level:>4g} (n={sum(t == level for t in truth):2d}): {row[0]:3d} {row[1]:3d} {row[2]:3d}")
     return {"agreement": agree, "cases": len(taus), "mae": mae}
 
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     summarise("leave-one-out", taus, predictions)
     summarise("baseline always 5", taus, [TAU_TEXTURED] * len(taus))
     print("\ncase  genre                          authors  log10(mtv)  LOO prediction")
-    for (index, genre, tau, value), predicted in zip(cases, predictions):
+    for (index, genre, tau, value), predicted in zip(cases, predictions, strict=False):
         print(f"{index:4d}  {genre[:29]:29s}  {tau:7.3f}  {value:10.3f}  {predicted:8.3f}")
     return 0
 

@@ -9,12 +9,22 @@ Pure functions on tensors: no orchestration, no storage. Three lines harmonize o
 
 __version__ = "0.1.0"
 
-from .config import HarmonizeConfig, apply_overrides, preset  # noqa: E402
-from .errors import HarmonizeError, InputError, WeightsUnavailableError  # noqa: E402
-from .io import load_item, save_outputs  # noqa: E402
-from .stages import STAGES, Iterate, StageOutput, harmonize  # noqa: E402
+from .config import HarmonizeConfig, apply_overrides, preset
+from .errors import HarmonizeError, InputError, WeightsUnavailableError
+from .io import load_item, save_outputs
+from .stages import STAGES, Iterate, StageOutput, harmonize
 
 __all__ = [
-    "HarmonizeConfig", "HarmonizeError", "InputError", "Iterate", "STAGES", "StageOutput",
-    "WeightsUnavailableError", "apply_overrides", "harmonize", "load_item", "preset", "save_outputs",
+    "STAGES",
+    "HarmonizeConfig",
+    "HarmonizeError",
+    "InputError",
+    "Iterate",
+    "StageOutput",
+    "WeightsUnavailableError",
+    "apply_overrides",
+    "harmonize",
+    "load_item",
+    "preset",
+    "save_outputs",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +145,7 @@ class HarmonizeConfig:
         """Return the config as plain JSON-able nested dicts."""
         return dataclasses.asdict(self)
 
-    def replace(self, **overrides: Any) -> "HarmonizeConfig":
+    def replace(self, **overrides: Any) -> HarmonizeConfig:
         """Return a copy with dotted overrides applied, e.g. ``replace(**{"pass2.tau": 1.0})``."""
         return apply_overrides(self, overrides)
 
@@ -265,7 +266,7 @@ def use_bf16(config: HarmonizeConfig, device_type: str) -> bool:
     return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
-def resolve_tau(pass2: Pass2Config, estimate: "callable[[], float] | None" = None) -> float:
+def resolve_tau(pass2: Pass2Config, estimate: Callable[[], float] | None = None) -> float:
     """Return the numeric tau: the configured number, the estimator's value for ``"auto"``, or ``DEFAULT_TAU``."""
     if pass2.tau is None:
         return DEFAULT_TAU

@@ -10,9 +10,9 @@ each tap. Finally the image gradient is multiplied by the loose mask, so pixels 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -8,7 +8,7 @@ loss and a TV gradient, raw (unnormalised) gradients, L-BFGS lr 1.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -9,7 +9,7 @@ by L-BFGS (lr 0.1, exactly ``iterations`` steps) from the naive composite, not f
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,16 @@ import torch.nn.functional as F
 from .config import HarmonizeConfig, use_bf16
 from .histogram import histogram_target, remap_histogram
 from .images import resize
-from .losses import content_loss, gram_of_masked, histogram_loss, masked_gram, noise_estimate, pass2_weights
-from .losses import style_loss, total_variation
+from .losses import (
+    content_loss,
+    gram_of_masked,
+    histogram_loss,
+    masked_gram,
+    noise_estimate,
+    pass2_weights,
+    style_loss,
+    total_variation,
+)
 from .masks import nearest_resize
 from .matching import normalized_sum_match, refine_mapping, upsample_used_mask, used_style_mask
 from .objective import LbfgsSettings, Problem, Term, optimise

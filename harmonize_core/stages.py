@@ -8,8 +8,9 @@ runs them all; the Prefect tasks call them one by one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def prepare_inputs(
     """
     shapes = [tuple(t.shape[-2:]) for t in (content, style, tight)]
     if len(set(shapes)) != 1:
-        described = ", ".join(f"{n} {w}x{h}" for n, (h, w) in zip(names, shapes))
+        described = ", ".join(f"{n} {w}x{h}" for n, (h, w) in zip(names, shapes, strict=False))
         raise InputError(f"size mismatch: {described}; the composite, painting and mask must have the same size")
     shape = working_shape(*shapes[0], config.sizing.size)
     tight_small = (resize(tight, shape) > 0.5).float() if shapes[0] != shape else tight

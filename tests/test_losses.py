@@ -5,7 +5,12 @@ import math
 import torch
 
 from harmonize_core.losses import (
-    gram_of_masked, masked_gram, noise_estimate, pass2_weights, total_variation, tv_sigmoid,
+    gram_of_masked,
+    masked_gram,
+    noise_estimate,
+    pass2_weights,
+    total_variation,
+    tv_sigmoid,
 )
 
 

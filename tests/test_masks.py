@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from harmonize_core.config import MaskConfig
 from harmonize_core.images import decode_mask, read_bytes
-from harmonize_core.masks import dilate_mask, feather_mask, gaussian_kernel1d, propagate_mask, separable_filter
+from harmonize_core.masks import (
+    dilate_mask,
+    feather_mask,
+    gaussian_kernel1d,
+    propagate_mask,
+    separable_filter,
+)
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "dph-cases"
 # Case 8's published dilated mask was made another way (dph-cases README: IoU about 0.80 with the rule).

@@ -22,7 +22,7 @@ def oracle_patch_cosine(content: np.ndarray, style: np.ndarray, query: np.ndarra
     _, height, width = content.shape
     _, style_h, style_w = style.shape
     out = -np.ones((height, width), dtype=np.int64)
-    for y, x in zip(*np.nonzero(query)):
+    for y, x in zip(*np.nonzero(query), strict=False):
         best, arg = -1e20, 0
         for qy in range(style_h):
             for qx in range(style_w):
@@ -47,7 +47,7 @@ def oracle_normalized_sum(a: np.ndarray, bp: np.ndarray, query: np.ndarray, radi
     _, height, width = a.shape
     _, style_h, style_w = bp.shape
     out = -np.ones((height, width), dtype=np.int64)
-    for y, x in zip(*np.nonzero(query)):
+    for y, x in zip(*np.nonzero(query), strict=False):
         best, arg = -np.inf, 0
         for qy in range(style_h):
             for qx in range(style_w):
@@ -71,7 +71,7 @@ def oracle_refine(p0: np.ndarray, tight: np.ndarray, guide: np.ndarray, radius: 
     height, width = p0.shape
     _, style_h, style_w = guide.shape
     out = p0.copy()
-    for y, x in zip(*np.nonzero(tight)):
+    for y, x in zip(*np.nonzero(tight), strict=False):
         best_d, best = np.float32(np.finfo(np.float32).max), p0[y, x]
         for dx in range(-radius, radius + 1):
             for dy in range(-radius, radius + 1):
@@ -103,7 +103,7 @@ def oracle_used(p: np.ndarray, tight: np.ndarray, style_shape: tuple[int, int], 
     """Ring2_kernel (L1159-1184)."""
     style_h, style_w = style_shape
     used = np.zeros(style_shape, dtype=np.float32)
-    for y, x in zip(*np.nonzero(tight)):
+    for y, x in zip(*np.nonzero(tight), strict=False):
         qy, qx = divmod(int(p[y, x]), style_w)
         for dx in range(-ring, ring + 1):
             for dy in range(-ring, ring + 1):

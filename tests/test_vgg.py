@@ -58,8 +58,8 @@ def test_cfgs_are_torchvisions() -> None:
 
 
 def test_tap_table_derived_from_cfg() -> None:
-    assert {name: TAPS["vgg19"][name] for name in FIRST_TAPS} == dict(zip(FIRST_TAPS, (1, 6, 11, 20, 29)))
-    assert {name: TAPS["vgg16"][name] for name in FIRST_TAPS} == dict(zip(FIRST_TAPS, (1, 6, 11, 18, 25)))
+    assert {name: TAPS["vgg19"][name] for name in FIRST_TAPS} == dict(zip(FIRST_TAPS, (1, 6, 11, 20, 29), strict=False))
+    assert {name: TAPS["vgg16"][name] for name in FIRST_TAPS} == dict(zip(FIRST_TAPS, (1, 6, 11, 18, 25), strict=False))
     for arch in VGG_CFGS:
         layers = build_features(arch)
         assert len(TAPS[arch]) == sum(isinstance(item, int) for item in VGG_CFGS[arch])  # one relu per conv
@@ -154,7 +154,7 @@ def test_layer_plan_counts() -> None:
     assert layer_plan("vgg19", "relu2_1") == ["conv", "conv", "pool", "conv"]
     # ALGORITHM.md section 1: blurs relu1_1..5_1 = 1, 3, 5, 9, 13 with 0..4 downscales (VGG19: 4 convs in blocks 3-5)
     for arch, convs in (("vgg19", (1, 3, 5, 9, 13)), ("vgg16", (1, 3, 5, 8, 11))):
-        for pools, (name, count) in enumerate(zip(FIRST_TAPS, convs)):
+        for pools, (name, count) in enumerate(zip(FIRST_TAPS, convs, strict=False)):
             plan = layer_plan(arch, name)
             assert (plan.count("conv"), plan.count("pool")) == (count, pools)
             assert plan[-1] == "conv"

@@ -1,0 +1,139 @@
+"""The benchmark harness (bench/): a tiny smoke run of every section, and its arithmetic and instruments.
+
+The smoke run uses random VGG16 weights and a procedural item at 48-64 px, so it needs neither ../shared nor the
+offline weights; it checks that the CSVs and the report hold the expected rows, that every naive-vs-ours row
+compares equal results, and that the extrapolated figures are the measured ones plus the missing iterations.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from bench import MIB, PeakMemory, channels_last_backbone
+from bench.run import (
+    PAPER_ITERATIONS,
+    lbfgs_history_bytes,
+    lbfgs_state_peak,
+    main,
+    steady_iteration_seconds,
+)
+from harmonize_core.vgg import load_backbone
+
+STAGE_SIZE, RATIO_SIZE, ITERATIONS = 48, 64, 2
+SMOKE_ARGS = ["--sizes", str(STAGE_SIZE), "--iterations", str(ITERATIONS), "--ratio-size", str(RATIO_SIZE),
+              "--case", "procedural", "--arch", "vgg16", "--weights", "random:0", "--ratio-weights", "random:0",
+              "--repeats", "1", "--fast-size", str(STAGE_SIZE), "--quality-size", str(STAGE_SIZE),
+              "--quality-iterations", "2", "--no-compile", "--sections", "ratios,stages,fastpaths"]
+STAGE_METRICS = {
+    ("dilate", "seconds"), ("pass1", "match_relu3_1"), ("pass1", "match_relu4_1"), ("pass1", "match_relu5_1"),
+    ("pass1", "per_iteration"), ("pass1", "seconds"), ("pass1", f"seconds_{PAPER_ITERATIONS}it"),
+    ("pass1", "peak_mb"), ("blend", "seconds"), ("pass2", "match_relu4_1"), ("pass2", "refine"),
+    ("pass2", "per_iteration"), ("pass2", "seconds"), ("pass2", f"seconds_{PAPER_ITERATIONS}it"),
+    ("reconstruct", "seconds"), ("end_to_end", "seconds"), ("end_to_end", f"seconds_{PAPER_ITERATIONS}it"),
+    ("end_to_end", "peak_mb"),
+}
+RATIO_NAMES = ["match_full_vs_chunked", "match_unmasked_vs_masked", "hist_naive_vs_sorted", "nsum_full_vs_chunked"]
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with path.open() as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main([*SMOKE_ARGS, "--out", str(out)])
+    return out, code
+
+
+def test_stage_rows_and_extrapolation(smoke):
+    out, _ = smoke
+    rows = read_csv(out / "stages.csv")
+    value = {(r["stage"], r["metric"]): float(r["value"]) for r in rows if int(r["size"]) == STAGE_SIZE}
+    assert STAGE_METRICS <= set(value)
+    basis = {(r["stage"], r["metric"]): r["basis"] for r in rows}
+    assert basis[("pass1", f"seconds_{PAPER_ITERATIONS}it")] == "extrapolated"
+    assert basis[("pass1", "seconds")] == "measured"
+    for stage in ("pass1", "pass2"):
+        expected = value[(stage, "seconds")] + (PAPER_ITERATIONS - ITERATIONS) * value[(stage, "per_iteration")]
+        assert value[(stage, f"seconds_{PAPER_ITERATIONS}it")] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    stage_sum = sum(value[(s, "seconds")] for s in ("dilate", "pass1", "blend", "pass2", "reconstruct"))
+    assert value[("end_to_end", "seconds")] == pytest.approx(stage_sum, abs=1e-3)
+    assert all(v > 0 for (s, m), v in value.items() if m in ("seconds", "per_iteration", "peak_mb"))
+
+
+def test_ratio_rows_compare_equal_results(smoke):
+    out, _ = smoke
+    rows = read_csv(out / "ratios.csv")
+    assert [r["name"] for r in rows] == RATIO_NAMES
+    for row in rows:
+        assert row["equal"] == "True", row
+        assert float(row["ratio"]) == pytest.approx(float(row["naive_s"]) / float(row["ours_s"]), rel=1e-2)
+        assert int(row["size"]) == RATIO_SIZE
+    bars = {r["name"]: r["bar"] for r in rows}
+    assert float(bars["match_full_vs_chunked"]) == 5.0 and float(bars["hist_naive_vs_sorted"]) == 10.0
+
+
+def test_report_and_machine_record(smoke):
+    out, code = smoke
+    text = (out / "report.md").read_text()
+    assert f"| {STAGE_SIZE} | " in text
+    assert "| comparison | layer @ size |" in text
+    assert text.count(f"@ {RATIO_SIZE} px |") == len(RATIO_NAMES)
+    assert "GPU rows: not measured" in text or "cuda" in text
+    machine = json.loads((out / "machine.json").read_text())
+    assert len(machine["loadavg"]) == 3 and machine["torch_threads"] >= 1
+    assert set(machine["loads"]) == {"stages", "ratios", "fastpaths"}
+    ratios = read_csv(out / "ratios.csv")
+    assert code == (1 if any(r["verdict"] == "FAIL" for r in ratios) else 0)
+
+
+def test_fastpath_rows(smoke):
+    out, _ = smoke
+    value = {(r["stage"], r["metric"]): r["value"] for r in read_csv(out / "fastpaths.csv")}
+    assert float(value[("channels_last", "gradient_rel_diff")]) < 1e-4
+    # bf16 rounding alone (same input image): the first evaluation's loss within a few percent of fp32
+    assert float(value[("pass1_bf16", "first_eval_worst_term_rel_diff")]) < 0.05
+    assert float(value[("pass1_control", "first_eval_worst_term_rel_diff")]) < 1e-4
+    numel = 3 * 36 * 48  # the procedural item is 4:3, so 36 x 48 at 48 px
+    assert float(value[("lbfgs_history_100", "history_mb")]) == pytest.approx(
+        lbfgs_history_bytes(numel, 100, 110) / MIB, abs=0.1)
+    assert float(value[("lbfgs_history_10", "history_mb")]) == pytest.approx(
+        lbfgs_history_bytes(numel, 10, 20) / MIB, abs=0.1)
+
+
+def test_steady_iteration_seconds_skips_the_first_evaluation():
+    assert steady_iteration_seconds([5.0, 6.0, 8.0, 11.0]) == pytest.approx(2.0)
+    assert math.isnan(steady_iteration_seconds([5.0]))
+
+
+def test_lbfgs_history_bytes_matches_torch_state():
+    shape = (1, 3, 8, 10)
+    for history, iterations in ((5, 12), (10, 4)):  # the first step adds no pair; then one per step, up to history
+        _, kept, pairs = lbfgs_state_peak(shape, history, iterations, torch.device("cpu"), learning_rate=1.0)
+        assert pairs == min(history, iterations - 1)
+        assert kept == lbfgs_history_bytes(math.prod(shape), history, iterations)
+
+
+def test_peak_memory_sees_an_allocation():
+    size_mb = 64
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(size_mb * MIB // 4)
+        del block
+    assert memory.extra_bytes >= 0.9 * size_mb * MIB
+
+
+def test_channels_last_backbone_gives_the_same_features():
+    backbone = load_backbone("vgg16", "random:0")
+    fast = channels_last_backbone(backbone)
+    x = torch.randn(1, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    reference, other = backbone.extract(x, ["relu3_1"])["relu3_1"], fast.extract(x, ["relu3_1"])["relu3_1"]
+    assert other.is_contiguous(memory_format=torch.channels_last)
+    assert not next(backbone.net.parameters()).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(other, reference, rtol=1e-4, atol=1e-5)

@@ -123,7 +123,7 @@ def pass2(
     tau = resolve_tau(config.pass2, estimate=lambda: _estimate_tau(inputs.style))
     image, metrics = run_pass2(inputs.content, inputs.style, loose, inputs.tight, blended, backbone, config,
                                tau=tau, progress=progress)
-    out = blend(image, inputs, config, stage="pass2")
+    out = blend(image.to(inputs.style.device), inputs, config, stage="pass2")
     return _output("pass2", out.image, started, config, weights_digest=backbone.digest, tau=tau, **metrics)
 
 
@@ -159,15 +159,16 @@ def harmonize(
     if backbone is None:
         backbone = load_backbone(config.backbone.name, config.backbone.weights, device=device,
                                  ceil_mode=config.backbone.ceil_mode)
-    inputs = prepare_inputs(content, style, mask, config, names=names)
+    on = backbone.device  # every stage, reconstruct included, runs where the backbone is
+    inputs = prepare_inputs(content.to(on), style.to(on), mask.to(on), config, names=names)
     outputs: dict[str, StageOutput] = {}
     outputs["dilate"] = dilate(inputs, config)
-    loose = outputs["dilate"].image
+    loose = outputs["dilate"].image.to(on)
     if "pass1" in stages:
         outputs["pass1"] = pass1(inputs, loose, backbone, config, progress)
-        outputs["blend"] = blend(outputs["pass1"].image, inputs, config)
+        outputs["blend"] = blend(outputs["pass1"].image.to(on), inputs, config)
     if "pass2" in stages:
-        outputs["pass2"] = pass2(inputs, loose, outputs["blend"].image, backbone, config, progress)
+        outputs["pass2"] = pass2(inputs, loose, outputs["blend"].image.to(on), backbone, config, progress)
     if "reconstruct" in stages:
-        outputs["reconstruct"] = reconstruct(outputs["pass2"].image, inputs, config)
+        outputs["reconstruct"] = reconstruct(outputs["pass2"].image.to(on), inputs, config)
     return outputs

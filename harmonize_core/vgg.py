@@ -276,7 +276,9 @@ def _build_backbone(arch: str, source: WeightsSource, device: torch.device, ceil
     loaded = weights_module.load_state_dict(arch, source)
     net = VGGFeatures(arch, ceil_mode)
     net.layers.load_state_dict(loaded.state_dict, strict=True)
-    net.eval().requires_grad_(False).to(device)
+    # channels_last (NHWC) convolutions: 1.12-1.25x faster per pass-1 evaluation on CPU (docs/performance.md),
+    # same features to 1e-9; cuDNN prefers NHWC too. Features keep their (N, C, H, W) shape.
+    net.eval().requires_grad_(False).to(device=device, memory_format=torch.channels_last)
     return Backbone(arch, net, loaded.preprocessing, source.text, loaded.digest, device)
 
 

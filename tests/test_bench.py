@@ -130,10 +130,16 @@ def test_peak_memory_sees_an_allocation():
 
 
 def test_channels_last_backbone_gives_the_same_features():
-    backbone = load_backbone("vgg16", "random:0")
-    fast = channels_last_backbone(backbone)
+    """The core now builds its backbones in channels_last; an NCHW copy gives the same features."""
+    import copy
+    import dataclasses
+
+    fast = load_backbone("vgg16", "random:0")
+    assert next(fast.net.parameters()).is_contiguous(memory_format=torch.channels_last)
+    plain_net = copy.deepcopy(fast.net).to(memory_format=torch.contiguous_format)
+    plain = dataclasses.replace(fast, net=plain_net)
+    assert channels_last_backbone(plain).net is not plain.net
     x = torch.randn(1, 3, 20, 24, generator=torch.Generator().manual_seed(0))
-    reference, other = backbone.extract(x, ["relu3_1"])["relu3_1"], fast.extract(x, ["relu3_1"])["relu3_1"]
+    reference, other = plain.extract(x, ["relu3_1"])["relu3_1"], fast.extract(x, ["relu3_1"])["relu3_1"]
     assert other.is_contiguous(memory_format=torch.channels_last)
-    assert not next(backbone.net.parameters()).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(other, reference, rtol=1e-4, atol=1e-5)

@@ -19,6 +19,17 @@ from .matching import gather_targets, patch_cosine_match
 from .objective import LbfgsSettings, Problem, Term, optimise
 from .vgg import layer_plan
 
+FREE_MEMORY_SHARE = 0.5  # on CUDA a match chunk never takes more than half of the memory free at the time
+
+
+def match_budget(budget_mb: int, device: torch.device) -> int:
+    """Return the matching budget in bytes: the configured MB, capped on CUDA by half the currently free memory."""
+    budget = budget_mb * 2**20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, int(free * FREE_MEMORY_SHARE))
+    return budget
+
 
 def layer_masks(loose: torch.Tensor, backbone, names: list[str], ceil_mode: bool) -> dict[str, torch.Tensor]:
     """Return the soft loose mask at each named tap, (1, 1, h, w) on the backbone's device."""
@@ -78,7 +89,7 @@ def pass1_problem(
     masks = layer_masks(loose, backbone, layers, config.backbone.ceil_mode)
     grams, match_seconds = matched_gram_targets(
         {k: content_feats[k] for k in cfg.style_layers}, style_feats, {k: masks[k] for k in cfg.style_layers},
-        patch_size=cfg.patch_size, budget_bytes=cfg.match_budget_mb * 2**20)
+        patch_size=cfg.patch_size, budget_bytes=match_budget(cfg.match_budget_mb, device))
     terms = build_terms(config, content_feats[cfg.content_layer].detach(), grams, masks)
     problem = Problem(backbone=backbone, terms=terms, layer_masks=masks, image_mask=loose.expand(-1, 3, -1, -1),
                       normalize=False, autocast=use_bf16(config, device.type))

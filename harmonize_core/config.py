@@ -80,9 +80,13 @@ class Pass1Config:
     tolerance_change: float = field(default=1e-9, metadata={"help": "optim.lbfgs tolX"})
     patch_size: int = field(default=3, metadata={"help": "matching patch (neural_gram.lua L51)"})
     match_budget_mb: int = field(
-        default=512, metadata={"help": "peak extra memory of the chunked nearest-neighbour match"}
+        default=512, metadata={"help": "peak extra memory of the chunked nearest-neighbour match", "runtime": True}
     )
-    log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations"})
+    log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations", "runtime": True})
+    max_seconds: float = field(
+        default=0.0,
+        metadata={"help": "wall-clock limit of the optimisation, checked every iteration (0 = none)", "runtime": True},
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,8 +110,14 @@ class Pass2Config:
     refine_size: int = field(default=5, metadata={"help": "consistency window (neural_paint.lua L47)"})
     ring_radius: int = field(default=1, metadata={"help": "used-style set ring (neural_paint.lua L50)"})
     hist_bins: int = field(default=256, metadata={"help": "cuda_utils.cu L23"})
-    match_budget_mb: int = field(default=512, metadata={"help": "peak extra memory of the relu4_1 match"})
-    log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations"})
+    match_budget_mb: int = field(
+        default=512, metadata={"help": "peak extra memory of the relu4_1 match", "runtime": True}
+    )
+    log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations", "runtime": True})
+    max_seconds: float = field(
+        default=0.0,
+        metadata={"help": "wall-clock limit of the optimisation, checked every iteration (0 = none)", "runtime": True},
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,9 +299,21 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def stage_section(config: HarmonizeConfig, stage: str) -> dict[str, Any]:
-    """Return the part of the config that determines ``stage``'s output (JSON-able)."""
+    """Return the part of the config that determines ``stage``'s output (JSON-able).
+
+    Fields marked ``runtime`` in their metadata (logging cadence, memory budgets, time limits) do not change the
+    pixels, so they are left out: changing them never invalidates a cached stage.
+    """
     full = config.to_dict()
-    return {name: full[name] for name in STAGE_SECTIONS[stage]}
+    section = {}
+    for name in STAGE_SECTIONS[stage]:
+        value = getattr(config, name)
+        if dataclasses.is_dataclass(value):
+            runtime = {f.name for f in dataclasses.fields(value) if f.metadata.get("runtime")}
+            section[name] = {k: v for k, v in full[name].items() if k not in runtime}
+        else:
+            section[name] = full[name]
+    return section
 
 
 def config_digest(section: dict[str, Any]) -> str:

@@ -11,3 +11,7 @@ class InputError(HarmonizeError):
 
 class WeightsUnavailableError(HarmonizeError):
     """The requested backbone weights cannot be loaded; the message says how to get them."""
+
+
+class StageTimeoutError(HarmonizeError):
+    """An optimisation ran past its configured ``max_seconds`` (a deadline checked between iterations)."""

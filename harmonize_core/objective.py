@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import StageTimeoutError
+
 GRADIENT_EPS = 1e-8  # neural_paint.lua L537-539: g / (||g|| + 1e-8)
 
 
@@ -113,6 +115,7 @@ class LbfgsSettings:
     tolerance_grad: float
     tolerance_change: float
     log_every: int
+    max_seconds: float = 0.0  # 0 = no limit; Prefect's timeout cannot interrupt a blocking CUDA call, this can
 
 
 def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, stage: str,
@@ -135,6 +138,10 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
             progress(event(step, settings.iterations, {**values, "total": total}, time.perf_counter() - started))
 
     def closure() -> torch.Tensor:
+        elapsed = time.perf_counter() - started
+        if settings.max_seconds > 0 and elapsed > settings.max_seconds:
+            raise StageTimeoutError(f"{stage}: stopped after {elapsed:.0f} s at evaluation {state['evaluations']} of "
+                                    f"{settings.iterations} (limit {settings.max_seconds:g} s; raise max_seconds)")
         total, values, grad = evaluate(problem, x)
         x.grad = grad.contiguous()
         step = state["evaluations"]

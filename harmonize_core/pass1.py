@@ -114,7 +114,7 @@ def run_pass1(
     problem, x0, setup = pass1_problem(content, style, loose, backbone, config)
     setup_seconds = time.perf_counter() - started
     settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, cfg.tolerance_grad,
-                             cfg.tolerance_change, cfg.log_every)
+                             cfg.tolerance_change, cfg.log_every, cfg.max_seconds)
     x, metrics = optimise(problem, x0, settings, stage="pass1", progress=progress,
                           event=lambda step, total, losses, elapsed: Iterate("pass1", step, total, losses, elapsed))
     image = backbone.preprocessing.deprocess(x).clamp(0, 1).cpu()

@@ -123,7 +123,8 @@ def run_pass2(
                       normalize=True, autocast=use_bf16(config, device.type))
     setup_seconds = time.perf_counter() - started
     # tolX = tolFun = -1 (neural_paint.lua L305-312): exactly ``iterations`` steps.
-    settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, -1.0, -1.0, cfg.log_every)
+    settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, -1.0, -1.0, cfg.log_every,
+                             cfg.max_seconds)
     x, metrics = optimise(problem, x0, settings, stage="pass2", progress=progress,
                           event=lambda step, total, losses, elapsed: Iterate("pass2", step, total, losses, elapsed))
     image = pre.deprocess(x).clamp(0, 1).cpu()

@@ -1,0 +1,73 @@
+"""The config tree: conventions over every field, overrides, presets, cache sections, the optimisation deadline."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from harmonize_core.config import (
+    OVERRIDE_FIELDS,
+    PRESETS,
+    HarmonizeConfig,
+    apply_overrides,
+    config_digest,
+    preset,
+    stage_section,
+)
+from harmonize_core.errors import StageTimeoutError
+from harmonize_core.objective import LbfgsSettings, Problem, Term, optimise
+from harmonize_core.vgg import load_backbone
+
+
+def _all_fields():
+    config = HarmonizeConfig()
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if dataclasses.is_dataclass(value):
+            for field in dataclasses.fields(value):
+                yield f"{section.name}.{field.name}", field
+        else:
+            yield section.name, section
+
+
+@pytest.mark.parametrize(("name", "field"), list(_all_fields()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_field_has_a_default_and_a_help_text(name, field):
+    assert field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING, name
+    assert field.metadata.get("help"), f"{name} has no help text citing its source"
+
+
+def test_overrides_name_real_fields_and_presets_apply():
+    for flat, dotted in OVERRIDE_FIELDS.items():
+        section, name = dotted.split(".")
+        assert name in {f.name for f in dataclasses.fields(getattr(HarmonizeConfig(), section))}, flat
+    assert preset("paper") == HarmonizeConfig()
+    quick = preset("quick")
+    assert (quick.sizing.size, quick.backbone.name, quick.backbone.weights) == (256, "vgg16", "offline-vgg16")
+    assert set(PRESETS) == {"paper", "quick"}
+    tuned = apply_overrides(quick, {"tau": "auto", "size": "128", "pass1_iters": 7, "pass2_iters": None})
+    assert (tuned.pass2.tau, tuned.sizing.size, tuned.pass1.iterations) == ("auto", 128, 7)
+    assert tuned.pass2.iterations == quick.pass2.iterations  # None leaves the value alone
+    for bad in ({"tau": "-1"}, {"size": 8}, {"backbone": "resnet"}, {"nope": 1}):
+        with pytest.raises(ValueError):
+            apply_overrides(quick, bad)
+
+
+def test_runtime_fields_never_change_a_stage_section():
+    base = preset("quick")
+    runtime = apply_overrides(base, {"pass1.log_every": 3, "pass1.match_budget_mb": 64, "pass2.max_seconds": 9.0})
+    for stage in ("dilate", "pass1", "blend", "pass2", "reconstruct"):
+        assert config_digest(stage_section(runtime, stage)) == config_digest(stage_section(base, stage)), stage
+    changed = apply_overrides(base, {"pass1.iterations": 61})
+    assert stage_section(changed, "pass1") != stage_section(base, "pass1")
+    assert stage_section(changed, "pass2") == stage_section(base, "pass2")
+
+
+def test_the_optimisation_stops_at_its_deadline():
+    backbone = load_backbone("vgg16", "random:0")
+    x = torch.rand(1, 3, 24, 24)
+    terms = [Term("content", "relu1_1", lambda f: f.square().mean(), 1.0)]
+    masks = {"relu1_1": torch.ones(1, 1, 24, 24)}
+    problem = Problem(backbone, terms, masks, torch.ones(1, 3, 24, 24), normalize=False)
+    settings = LbfgsSettings(1000, 1.0, 10, -1.0, -1.0, 100, max_seconds=1e-9)
+    with pytest.raises(StageTimeoutError, match="limit"):
+        optimise(problem, x, settings, stage="pass1")

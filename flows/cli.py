@@ -173,13 +173,23 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
 
 
+def cmd_one(args: argparse.Namespace) -> int:
+    """``harmonize one``: the core's single-item runner, with an ``s3://`` weights file downloaded first."""
+    from harmonize_core.cli import run_one
+    from tasks.backbones import local_weights
+
+    if args.weights:
+        args.weights = local_weights(args.weights)
+    return run_one(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``harmonize`` argument parser: one, validate, run, serve, demo."""
-    from harmonize_core.cli import add_config_arguments, add_one_parser, run_one
+    from harmonize_core.cli import add_config_arguments, add_one_parser
 
     parser = argparse.ArgumentParser(prog="harmonize", description="Deep Painterly Harmonization, batch or one.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_one_parser(sub).set_defaults(handler=run_one, verbose=True)
+    add_one_parser(sub).set_defaults(handler=cmd_one, verbose=True)
 
     validate = sub.add_parser("validate", help="check a manifest and list every problem (row and column)")
     validate.add_argument("manifest", help="CSV path or s3:// URI")

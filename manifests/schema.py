@@ -94,11 +94,14 @@ def resolve_config(run: RunSettings, row_overrides: dict[str, str]) -> Harmonize
     """Return one row's config: the row's preset (or the run's), then the run's overrides, then the row's cells.
 
     A row's cells win over the run's flags (a flag is the default for rows that leave the cell empty).
-    Raises ``ValueError`` naming the field for a bad value.
+    The backbone section always comes from the run (``RUN_ONLY_FIELDS``): a row's preset may not switch the
+    network, which is loaded once per run. Raises ``ValueError`` naming the field for a bad value.
     """
     name = row_overrides.get(PRESET_COLUMN) or run.preset
     config = apply_overrides(preset(name), run.overrides)
-    return apply_overrides(config, {k: v for k, v in row_overrides.items() if k in OVERRIDE_COLUMNS})
+    config = apply_overrides(config, {k: v for k, v in row_overrides.items() if k in OVERRIDE_COLUMNS})
+    run_backbone = apply_overrides(preset(run.preset), run.overrides).backbone
+    return dataclasses.replace(config, backbone=run_backbone)
 
 
 def check_run_settings(run: RunSettings) -> HarmonizeConfig:

@@ -166,3 +166,12 @@ def test_manifest_on_s3_resolves_paths_against_its_prefix(s3, tmp_path):
 def test_example_manifest_is_what_the_demo_writes():
     example = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "demo.csv"
     assert example.read_text() == demo_data.manifest_text(demo_data.manifest_rows())
+
+
+def test_a_rows_preset_never_switches_the_runs_backbone():
+    from manifests.schema import RunSettings, resolve_config
+
+    run = RunSettings(preset="quick", overrides={})
+    paper_row = resolve_config(run, {"preset": "paper"})
+    assert paper_row.sizing.size == 700 and paper_row.pass1.iterations == 1000  # the row's preset applies...
+    assert paper_row.backbone == resolve_config(run, {}).backbone  # ...but the network stays the run's

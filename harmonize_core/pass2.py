@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import HarmonizeConfig, use_bf16
+from .config import PAPER_SIZE, HarmonizeConfig, use_bf16
 from .histogram import histogram_target, remap_histogram
-from .images import resize
+from .images import resize, to_working_size
 from .losses import (
     content_loss,
     gram_of_masked,
@@ -94,12 +94,14 @@ def build_terms(
 
 def run_pass2(
     content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, tight: torch.Tensor, blended: torch.Tensor,
-    backbone, config: HarmonizeConfig, *, tau: float, progress: Callable | None = None,
+    backbone, config: HarmonizeConfig, *, tau: float, mtv: float | None = None, progress: Callable | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Return (pass-2 image (1, 3, H, W) in [0, 1] on the CPU, unblended; metrics).
 
     ``content`` = naive composite (the init and the content target), ``style`` = painting, ``blended`` = the
     blended pass-1 image (only used for the relu4_1 mapping), masks (1, 1, H, W); all at working size.
+    ``mtv`` is the painting's noise estimate at 700 px (neural_paint.lua measures it on the 700 px painting);
+    when omitted it is measured on ``style`` resized to 700 px.
     """
     from .stages import Iterate
 
@@ -116,7 +118,8 @@ def run_pass2(
         content_target = backbone.extract(x0, [cfg.content_layer])[cfg.content_layer]
     used, match_info = consistent_used_sets(reference, style_feats, tight, style.to(device), config)
     masks = layer_masks(loose, backbone, layers, config.backbone.ceil_mode)
-    mtv = noise_estimate(style)
+    if mtv is None:
+        mtv = noise_estimate(to_working_size(style, PAPER_SIZE))
     weights = pass2_weights(tau, mtv)
     terms = build_terms(config, weights, content_target, style_feats, used, masks)
     problem = Problem(backbone=backbone, terms=terms, layer_masks=masks, image_mask=loose.expand(-1, 3, -1, -1),

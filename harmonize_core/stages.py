@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import HarmonizeConfig, resolve_tau, stage_section
+from .config import PAPER_SIZE, HarmonizeConfig, resolve_tau, stage_section
 from .errors import InputError
-from .images import quantize, resize, working_shape
+from .images import quantize, resize, to_working_size, working_shape
+from .losses import noise_estimate
 from .masks import dilate_mask, feather_mask
 
 STAGES: tuple[str, ...] = ("dilate", "pass1", "blend", "pass2", "reconstruct")
@@ -47,11 +48,20 @@ class StageOutput:
 
 @dataclass
 class ItemInputs:
-    """One item's inputs at working size: content/style (1, 3, H, W) in [0, 1], tight mask (1, 1, H, W) in {0, 1}."""
+    """One item's inputs at working size: content/style (1, 3, H, W) in [0, 1], tight mask (1, 1, H, W) in {0, 1}.
+
+    ``painting`` is the painting as given (any size): statistics the authors measure at 700 px (mtv, which sets
+    the TV/histogram split and tau="auto") are taken from it, so they do not drift with the working size.
+    """
 
     content: torch.Tensor
     style: torch.Tensor
     tight: torch.Tensor
+    painting: torch.Tensor | None = None
+
+    def paper_size_painting(self) -> torch.Tensor:
+        """Return the painting with its long side at the paper's 700 px (the size mtv was tuned at)."""
+        return to_working_size(self.painting if self.painting is not None else self.style, PAPER_SIZE)
 
 
 def prepare_inputs(
@@ -72,7 +82,8 @@ def prepare_inputs(
     tight_small = (resize(tight, shape) > 0.5).float() if shapes[0] != shape else tight
     if tight_small.sum() == 0:
         raise InputError(f"{names[2]}: the mask is empty at working size {shape[1]}x{shape[0]}")
-    return ItemInputs(content=quantize(resize(content, shape)), style=quantize(resize(style, shape)), tight=tight_small)
+    return ItemInputs(content=quantize(resize(content, shape)), style=quantize(resize(style, shape)), tight=tight_small,
+                      painting=style)
 
 
 def _output(stage: str, image: torch.Tensor, started: float, config: HarmonizeConfig, **metrics: Any) -> StageOutput:
@@ -120,9 +131,10 @@ def pass2(
     from .pass2 import run_pass2
 
     started = time.perf_counter()
-    tau = resolve_tau(config.pass2, estimate=lambda: _estimate_tau(inputs.style))
+    painting = inputs.paper_size_painting()
+    tau = resolve_tau(config.pass2, estimate=lambda: _estimate_tau(painting))
     image, metrics = run_pass2(inputs.content, inputs.style, loose, inputs.tight, blended, backbone, config,
-                               tau=tau, progress=progress)
+                               tau=tau, mtv=noise_estimate(painting), progress=progress)
     out = blend(image.to(inputs.style.device), inputs, config, stage="pass2")
     return _output("pass2", out.image, started, config, weights_digest=backbone.digest, tau=tau, **metrics)
 

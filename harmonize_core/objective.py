@@ -2,7 +2,8 @@
 
 The authors' loss modules sit inside the network and rewrite the gradient flowing through them: each takes its own
 gradient, (pass 2 only) L2-normalises it, scales it by its weight, adds the upstream gradient and multiplies the sum
-by the layer's soft mask (neural_gram.lua L396-413, neural_paint.lua L537-539 / L592-594 / L656-658). A plain sum of
+by the layer's soft mask, module after module (so at a tap with several modules the upstream gradient is masked
+once per module) (neural_gram.lua L396-413, neural_paint.lua L537-539 / L592-594 / L656-658). A plain sum of
 losses cannot express that, so ``evaluate`` backpropagates segment by segment between taps and applies the rule at
 each tap. Finally the image gradient is multiplied by the loose mask, so pixels outside M+ never move (L244-246).
 """
@@ -23,7 +24,8 @@ GRADIENT_EPS = 1e-8  # neural_paint.lua L537-539: g / (||g|| + 1e-8)
 
 @dataclass(frozen=True)
 class Term:
-    """One loss term: ``fn`` maps the tap's features (or the image for layer "image") to a raw scalar loss.
+    """One loss term (one of the authors' loss modules): ``fn`` maps the tap's features (or the image for layer
+    "image") to a raw scalar loss. Terms at the same tap are listed in the order the modules sit in the network.
 
     ``masked_input``: the term sees ``F * m`` and its gradient is taken with respect to that masked input (the
     authors call ``gram:backward(masked_input, ...)``), so the mask is applied once, not twice.
@@ -34,6 +36,7 @@ class Term:
     fn: Callable[[torch.Tensor], torch.Tensor]
     weight: float
     masked_input: bool = False
+    premask: bool = True  # pass 2: mask the own gradient before normalising (all but the histogram module)
 
 
 @dataclass
@@ -56,21 +59,29 @@ class Problem:
         self.taps = sorted(used, key=indices.__getitem__)
 
 
-def _own_gradient(terms: list[Term], features: torch.Tensor, mask: torch.Tensor, normalize: bool,
-                  values: dict[str, float]) -> torch.Tensor:
-    """Return the summed, weighted (and in pass 2 normalised) gradient of ``terms`` with respect to ``features``."""
-    total = torch.zeros_like(features)
-    for term in terms:
-        leaf = (features * mask if term.masked_input else features).detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = term.fn(leaf)
-            (grad,) = torch.autograd.grad(loss, leaf)
-        values[term.name] = values.get(term.name, 0.0) + term.weight * float(loss.detach())
-        if normalize:
+def _term_gradient(term: Term, features: torch.Tensor, mask: torch.Tensor, normalize: bool,
+                   values: dict[str, float]) -> torch.Tensor:
+    """Return one module's own gradient with respect to ``features``: weighted, and in pass 2 L2-normalised."""
+    leaf = (features * mask if term.masked_input else features).detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = term.fn(leaf)
+        (grad,) = torch.autograd.grad(loss, leaf)
+    values[term.name] = values.get(term.name, 0.0) + term.weight * float(loss.detach())
+    if normalize:
+        if term.premask:
             grad = grad * mask
-            grad = grad / (grad.norm() + GRADIENT_EPS)
-        total = total + term.weight * grad
-    return total
+        grad = grad / (grad.norm() + GRADIENT_EPS)
+    return term.weight * grad
+
+
+def _through_modules(terms: list[Term], features: torch.Tensor, mask: torch.Tensor, normalize: bool,
+                     values: dict[str, float], upstream: torch.Tensor | None) -> torch.Tensor:
+    """Return the gradient leaving a tap's loss modules: backward visits them in reverse insertion order, and
+    each adds its own gradient to the one coming down and multiplies the sum by the soft mask."""
+    grad = torch.zeros_like(features) if upstream is None else upstream.float()
+    for term in reversed(terms):
+        grad = (_term_gradient(term, features, mask, normalize, values) + grad) * mask
+    return grad
 
 
 def evaluate(problem: Problem, x: torch.Tensor) -> tuple[float, dict[str, float], torch.Tensor]:
@@ -88,19 +99,17 @@ def evaluate(problem: Problem, x: torch.Tensor) -> tuple[float, dict[str, float]
         upstream = None
         for index in range(len(problem.taps) - 1, -1, -1):
             name = problem.taps[index]
-            mask = problem.layer_masks[name]
             terms = [t for t in problem.terms if t.layer == name]
             # Loss maths in fp32 even when the network runs in bf16.
-            grad = _own_gradient(terms, raw[name].detach().float(), mask, problem.normalize, values)
-            if upstream is not None:
-                grad = grad + upstream.float()
-            grad = grad * mask
+            grad = _through_modules(terms, raw[name].detach().float(), problem.layer_masks[name], problem.normalize,
+                                    values, upstream)
             below = raw[problem.taps[index - 1]] if index > 0 else x
             (upstream,) = torch.autograd.grad(raw[name], below, grad_outputs=grad.to(raw[name].dtype),
                                               retain_graph=index > 0)
-        image_grad = upstream.float() if upstream is not None else torch.zeros_like(x)
         image_terms = [t for t in problem.terms if t.layer == "image"]
-        image_grad = image_grad + _own_gradient(image_terms, x.detach(), problem.image_mask, problem.normalize, values)
+        # The image mask is binary, so the TV module's own masking and feval's final one coincide (pass 1 and 2).
+        image_grad = _through_modules(image_terms, x.detach(), problem.image_mask, problem.normalize, values,
+                                      upstream if upstream is not None else torch.zeros_like(x))
     image_grad = image_grad * problem.image_mask
     return sum(values.values()), values, image_grad
 

@@ -87,7 +87,8 @@ def build_terms(
             remapped = remap_histogram(f[0].detach(), query, target).unsqueeze(0)
             return histogram_loss(f, remapped)
 
-        terms.append(Term(f"hist_{name}", name, hist_fn, weights["hist"]))
+        # HistLoss normalises I - R as is (zero outside maskI) and masks only after adding the upstream gradient.
+        terms.append(Term(f"hist_{name}", name, hist_fn, weights["hist"], premask=False))
     terms.append(Term("tv", "image", total_variation, weights["tv"]))
     return terms
 

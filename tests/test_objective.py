@@ -11,35 +11,37 @@ def _backbone():
     return load_backbone("vgg16", "random:7", device="cpu", ceil_mode=True)
 
 
+def _own(term, f, mask, normalize):
+    leaf = (f * mask if term.masked_input else f).detach().requires_grad_(True)
+    with torch.enable_grad():  # hooks run inside backward, where grad mode is off
+        (g,) = torch.autograd.grad(term.fn(leaf), leaf)
+    if normalize:
+        if term.premask:
+            g = g * mask
+        g = g / (g.norm() + GRADIENT_EPS)
+    return term.weight * g
+
+
 def _hook_reference(problem: Problem, x: torch.Tensor) -> torch.Tensor:
-    """The authors' module rule written with tensor hooks: at each tap, (upstream + own) * mask."""
+    """The authors' module chain written with tensor hooks: backward meets a tap's modules in reverse insertion
+    order and each returns (own + incoming) * mask."""
     x = x.detach().requires_grad_(True)
     feats = problem.backbone.extract(x, problem.taps)
-    own = {}
+
+    def chain(name, f, g):
+        mask = problem.layer_masks[name]
+        for term in reversed([t for t in problem.terms if t.layer == name]):
+            g = (_own(term, f, mask, problem.normalize) + g) * mask
+        return g
+
     for name in problem.taps:
         f = feats[name].detach()
-        mask = problem.layer_masks[name]
-        total = torch.zeros_like(f)
-        for term in [t for t in problem.terms if t.layer == name]:
-            leaf = (f * mask if term.masked_input else f).requires_grad_(True)
-            (g,) = torch.autograd.grad(term.fn(leaf), leaf)
-            if problem.normalize:
-                g = g * mask
-                g = g / (g.norm() + GRADIENT_EPS)
-            total = total + term.weight * g
-        own[name] = total
-    for name in problem.taps:
-        feats[name].register_hook(lambda g, name=name: (g + own[name]) * problem.layer_masks[name])
+        feats[name].register_hook(lambda g, name=name, f=f: chain(name, f, g))
     deepest = feats[problem.taps[-1]]
     deepest.backward(torch.zeros_like(deepest))
     image_grad = x.grad.clone()
-    for term in [t for t in problem.terms if t.layer == "image"]:
-        leaf = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(term.fn(leaf), leaf)
-        if problem.normalize:
-            g = g * problem.image_mask
-            g = g / (g.norm() + GRADIENT_EPS)
-        image_grad = image_grad + term.weight * g
+    for term in reversed([t for t in problem.terms if t.layer == "image"]):
+        image_grad = (_own(term, x.detach(), problem.image_mask, problem.normalize) + image_grad) * problem.image_mask
     return image_grad * problem.image_mask
 
 
@@ -59,6 +61,7 @@ def _problem(normalize: bool, soft: bool):
              masked_input=True),
         Term("style1", "relu1_1", lambda fm: style_loss(gram_of_masked(fm, masks["relu1_1"]), gram3[:64, :64]), 3.0,
              masked_input=True),
+        Term("hist3", "relu3_1", lambda f: (f - 0.5 * f.detach()).square().sum() / f.numel(), 7.0, premask=False),
         Term("tv", "image", total_variation, 1e-3),
     ]
     image_mask = (torch.rand(1, 1, 32, 28) > 0.3).float().expand(-1, 3, -1, -1)
@@ -70,7 +73,7 @@ def test_pass1_rule_equals_hook_reference_with_soft_masks():
     _, values, grad = evaluate(problem, x)
     reference = _hook_reference(problem, x)
     assert torch.allclose(grad, reference, rtol=1e-4, atol=1e-6 * reference.abs().max())
-    assert set(values) == {"content", "style3", "style1", "tv"}
+    assert set(values) == {"content", "style3", "style1", "hist3", "tv"}
 
 
 def test_pass2_normalised_rule_equals_hook_reference():

@@ -67,11 +67,13 @@ def _term_gradient(term: Term, features: torch.Tensor, mask: torch.Tensor, norma
         loss = term.fn(leaf)
         (grad,) = torch.autograd.grad(loss, leaf)
     values[term.name] = values.get(term.name, 0.0) + term.weight * float(loss.detach())
+    if 0 in grad.stride():  # an expanded view (e.g. the gradient of a plain sum) cannot be scaled in place
+        grad = grad.clone()
     if normalize:
         if term.premask:
-            grad = grad * mask
-        grad = grad / (grad.norm() + GRADIENT_EPS)
-    return term.weight * grad
+            grad.mul_(mask)
+        return grad.mul_(term.weight / (grad.norm() + GRADIENT_EPS))
+    return grad.mul_(term.weight)
 
 
 def _through_modules(terms: list[Term], features: torch.Tensor, mask: torch.Tensor, normalize: bool,
@@ -80,7 +82,7 @@ def _through_modules(terms: list[Term], features: torch.Tensor, mask: torch.Tens
     each adds its own gradient to the one coming down and multiplies the sum by the soft mask."""
     grad = torch.zeros_like(features) if upstream is None else upstream.float()
     for term in reversed(terms):
-        grad = (_term_gradient(term, features, mask, normalize, values) + grad) * mask
+        grad = _term_gradient(term, features, mask, normalize, values).add_(grad).mul_(mask)
     return grad
 
 

@@ -27,8 +27,9 @@ from .losses import (
     style_loss,
     total_variation,
 )
+from .mapping import refine_mapping, upsample_used_mask, used_style_mask
 from .masks import nearest_resize
-from .matching import normalized_sum_match, refine_mapping, upsample_used_mask, used_style_mask
+from .matching import normalized_sum_match
 from .objective import LbfgsSettings, Problem, Term, optimise
 from .pass1 import layer_masks, match_budget
 

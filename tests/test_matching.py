@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from harmonize_core import matching
+from harmonize_core import mapping, matching
 
 # ---------------------------------------------------------------------------------------------- oracles
 # Literal ports of the cuda_utils.cu loops, one pair and one offset at a time (numpy, float64 unless stated).
@@ -305,7 +305,7 @@ def test_refine_mapping_equals_loop_oracle(radius, quantised):
     if quantised:  # few colours: many exactly equal costs, decided by the candidate order
         painting = (painting * 2).round() / 2
     expected = oracle_refine(p0.numpy(), tight.numpy(), painting.numpy(), radius)
-    result = matching.refine_mapping(p0, tight, painting, radius=radius)
+    result = mapping.refine_mapping(p0, tight, painting, radius=radius)
     np.testing.assert_array_equal(result.numpy(), expected)
     assert bool((result[~tight] == p0[~tight]).all())
 
@@ -317,7 +317,7 @@ def test_refine_mapping_constant_painting_takes_first_candidate():
     p0[0, 2] = 3 * style_w + 2  # o = (dy, dx) = (-2, 0): candidate (5, 2), first in a dy-outer order
     tight = torch.zeros(5, 5, dtype=torch.bool)
     tight[2, 2] = True
-    result = matching.refine_mapping(p0, tight, torch.full((3, 9, 9), 0.5))
+    result = mapping.refine_mapping(p0, tight, torch.full((3, 9, 9), 0.5))
     # dx = -2 gives x = 6, outside the asymmetric bound x < 9 - 2 - 1; dx = -1, dy = -2 gives y = 6, also out;
     # dx = -1, dy = -1 gives (5, 5): the first valid candidate in dx-outer order.
     assert int(result[2, 2]) == 5 * style_w + 5
@@ -327,7 +327,7 @@ def test_refine_mapping_rejects_missing_matches_in_tight():
     p0 = torch.zeros(4, 4, dtype=torch.long)
     p0[1, 1] = -1
     with pytest.raises(ValueError, match="tight"):
-        matching.refine_mapping(p0, torch.ones(4, 4, dtype=torch.bool), torch.rand(3, 6, 6))
+        mapping.refine_mapping(p0, torch.ones(4, 4, dtype=torch.bool), torch.rand(3, 6, 6))
 
 
 @pytest.mark.parametrize("ring", [1, 2])
@@ -337,7 +337,7 @@ def test_used_style_mask_equals_loop_oracle(ring):
     p[0, 0], p[0, 1] = 0, 7 * 9 - 1  # corners of the style map: clipped blocks
     tight = torch.rand(6, 8, generator=generator) < 0.3
     tight[0, :2] = True
-    used = matching.used_style_mask(p, tight, (7, 9), ring_radius=ring)
+    used = mapping.used_style_mask(p, tight, (7, 9), ring_radius=ring)
     assert used.dtype == torch.float32 and used.shape == (7, 9)
     np.testing.assert_array_equal(used.numpy(), oracle_used(p.numpy(), tight.numpy(), (7, 9), ring))
 
@@ -346,7 +346,7 @@ def test_used_style_mask_equals_loop_oracle(ring):
                                                 ((5, 4), (5, 4)), ((70, 88), (279, 350))])
 def test_upsample_used_mask_is_torch_image_simple(source, target):
     used = (torch.rand(*source, generator=torch.Generator().manual_seed(12)) < 0.5).float()
-    result = matching.upsample_used_mask(used, target)
+    result = mapping.upsample_used_mask(used, target)
     rows = [min(int(np.float32(i) * (np.float32(source[0]) / np.float32(target[0]))), source[0] - 1)
             for i in range(target[0])]
     cols = [min(int(np.float32(j) * (np.float32(source[1]) / np.float32(target[1]))), source[1] - 1)

@@ -3,8 +3,8 @@
 This module holds the measuring instruments shared by the sections of ``bench.run``: a timer that synchronises the
 device around the timed call, a peak-memory meter (CUDA ``max_memory_allocated`` reset per measurement; on the CPU
 the kernel's peak RSS, reset per measurement), the machine record (load average, threads),
-and ``channels_last_backbone``, the one fast path measured here that the core could adopt where it builds its
-backbone. Nothing in ``harmonize_core`` imports this package.
+and ``with_memory_format``, which gives the NCHW and NHWC (channels_last, the core's default) copies of a backbone
+that the layout comparison times. Nothing in ``harmonize_core`` imports this package.
 """
 
 from __future__ import annotations
@@ -175,13 +175,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def channels_last_backbone(backbone: Any) -> Any:
-    """Return a copy of ``backbone`` (a ``harmonize_core.vgg.Backbone``) whose conv weights are in channels_last
-    (NHWC) memory format; the original is untouched. Convolutions then run and return NHWC tensors whatever the
-    input's layout (oneDNN on the CPU, cuDNN on CUDA pick the layout from the weight), which is the whole change
-    the core would need where ``load_backbone`` builds the net. Features keep their (N, C, H, W) shape and values.
+def with_memory_format(backbone: Any, memory_format: torch.memory_format) -> Any:
+    """Return a copy of ``backbone`` (a ``harmonize_core.vgg.Backbone``) whose conv weights are in
+    ``memory_format``; the original is untouched. Convolutions pick their layout from the weight (oneDNN on the
+    CPU, cuDNN on CUDA), so this switches the whole network. ``load_backbone`` builds channels_last nets; the
+    benchmark compares them with a ``torch.contiguous_format`` (NCHW) copy. Features keep their shape and values.
     """
-    net = copy.deepcopy(backbone.net).to(memory_format=torch.channels_last)
+    net = copy.deepcopy(backbone.net).to(memory_format=memory_format)
     return dataclasses.replace(backbone, net=net)
 
 
@@ -189,7 +189,7 @@ __all__ = [
     "MIB",
     "PeakMemory",
     "best_of",
-    "channels_last_backbone",
+    "with_memory_format",
     "current_memory",
     "current_rss",
     "machine_info",

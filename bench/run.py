@@ -60,11 +60,11 @@ from . import (
     MIB,
     PeakMemory,
     best_of,
-    channels_last_backbone,
     current_memory,
     machine_info,
     synchronize,
     timed,
+    with_memory_format,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -505,9 +505,11 @@ def bench_channels_last(options: Options) -> list[Row]:
     with the backbone in the default layout and in channels_last, and the relative gradient difference."""
     size = options.fast_size
     problem, x0, _ = _pass1_setup(options, size, options.arch, options.weights)
-    cl_problem = dataclasses.replace(problem, backbone=channels_last_backbone(problem.backbone))
-    best = _alternating_best({"contiguous": lambda: evaluate(problem, x0), "channels_last": lambda: evaluate(
-        cl_problem, x0)}, options.device, max(options.repeats, 3))
+    # Both layouts explicitly: load_backbone already builds channels_last nets.
+    nchw = dataclasses.replace(problem, backbone=with_memory_format(problem.backbone, torch.contiguous_format))
+    nhwc = dataclasses.replace(problem, backbone=with_memory_format(problem.backbone, torch.channels_last))
+    best = _alternating_best({"contiguous": lambda: evaluate(nchw, x0), "channels_last": lambda: evaluate(
+        nhwc, x0)}, options.device, max(options.repeats, 3))
     ref, alt = best["contiguous"][1][2], best["channels_last"][1][2]
     rel = float((alt - ref).norm() / ref.norm().clamp_min(1e-30))
     speedup = best["contiguous"][0] / best["channels_last"][0]
@@ -523,7 +525,7 @@ def bench_channels_last(options: Options) -> list[Row]:
 def _chain(options: Options, precision: str, layout: Callable[[Any], Any] = lambda b: b,
            pass1_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run pass 1 -> blend -> pass 2 at ``quality_size`` for ``quality_iterations`` per pass in ``precision``, with
-    the backbone passed through ``layout`` (identity, or ``channels_last_backbone`` for the control run). With
+    the backbone passed through ``layout`` (identity, or an NCHW copy for the control run). With
     ``pass1_from`` (another chain's result) pass 1 is not run: pass 2 starts from that chain's blended image."""
     size, n = options.quality_size, options.quality_iterations
     config = stage_config(size, n, options.ratio_arch, options.ratio_weights, **{"backbone.precision": precision})
@@ -571,12 +573,12 @@ def _image_diffs(reference: torch.Tensor, other: torch.Tensor, region: torch.Ten
 
 def bench_bf16(options: Options) -> list[Row]:
     """Return rows comparing bf16 autocast with fp32 on pass 1 and pass 2 (loss curves, images, times), beside a
-    control: fp32 with the channels_last backbone, whose gradients differ from fp32's only by summation order
+    control: fp32 with an NCHW copy of the (channels_last) backbone, whose gradients differ only by summation order
     (~1e-9), which shows how far a few L-BFGS iterations alone drift apart from a tiny perturbation."""
     size, n = options.quality_size, options.quality_iterations
     runs = {"fp32": _chain(options, "fp32")}
     runs["bf16"] = _chain(options, "bf16")
-    runs["control"] = _chain(options, "fp32", channels_last_backbone)
+    runs["control"] = _chain(options, "fp32", lambda b: with_memory_format(b, torch.contiguous_format))
     runs["bf16_same_pass1"] = _chain(options, "bf16", pass1_from=runs["fp32"])
     rows = []
     note = f"{options.ratio_arch} {options.ratio_weights}, {n} iterations per pass, loose-mask pixels"

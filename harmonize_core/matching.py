@@ -45,6 +45,12 @@ def _check_maps(content: torch.Tensor, style: torch.Tensor, query: torch.Tensor,
         raise ValueError(f"patch_size must be odd and >= 1, got {patch_size}")
 
 
+def _query_rows(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (flat indices of the query positions, a flat int64 result filled with -1) on the query's device."""
+    rows = query.flatten().nonzero().squeeze(1)
+    return rows, torch.full((query.numel(),), -1, dtype=torch.long, device=query.device)
+
+
 def chunk_rows(n_queries: int, n_keys: int, bytes_per_pair: int, budget_bytes: int) -> int:
     """Return how many query rows one chunk holds: the most rows whose ``n_keys * bytes_per_pair`` fit the budget.
 
@@ -257,8 +263,7 @@ def patch_cosine_match(content: torch.Tensor, style: torch.Tensor, query: torch.
     content, style = content.contiguous(), style.contiguous()
     radius = patch_size // 2
     height, width = query.shape
-    rows = query.flatten().nonzero().squeeze(1)
-    result = torch.full((height * width,), -1, dtype=torch.long, device=content.device)
+    rows, result = _query_rows(query)
     if rows.numel() == 0:
         return result.view(height, width)
     boxes = (radius + 1) ** 4  # norm tables, one per box of offsets valid in both maps, plus the energy map
@@ -369,8 +374,7 @@ def normalized_sum_match(A: torch.Tensor, BP: torch.Tensor, query: torch.Tensor,
     _check_maps(A, BP, query, patch_size)
     radius = patch_size // 2
     height, width = query.shape
-    rows = query.flatten().nonzero().squeeze(1)
-    result = torch.full((height * width,), -1, dtype=torch.long, device=A.device)
+    rows, result = _query_rows(query)
     if rows.numel() == 0:
         return result.view(height, width)
     fixed = _fixed_bytes(A, BP, rows.numel(), radius, per_position=A.shape[0] + 2)  # normalised copies, norms

@@ -2,12 +2,15 @@
 
 Key (``stage_cache_key``): sha256 over the stage name, the sha256 digests of the item's three input files and of the
 upstream stage outputs the task reads, the stage's own config section (``config.stage_section``), the backbone
-weights' digest (pass1/pass2) and the core's version (plus ``CACHE_SCHEMA`` to invalidate deliberately). It never
+weights' digest (pass1/pass2) and the digest of the core source that computes the stage (``tasks.code_digest``: an
+algorithm change recomputes, a pipeline-only change does not), plus ``CACHE_SCHEMA`` to invalidate deliberately. It never
 includes a URI, the item id, the row number, the run or the device: a curator's edit to one row changes only that
 row's digests, and a config change to one stage changes that stage's key and, through its new output digest, the
 keys of the stages after it.
 
-Records: each task returns a small JSON record ``{stage, uri, sha256, metrics_uri, summary}`` that Prefect persists
+Records: each task returns a small JSON record ``{stage, uri, sha256, metrics_uri, item_uri, summary}`` whose ``uri``
+and ``metrics_uri`` name immutable, content-addressed objects (``<out>/.cache/objects/<sha256>.<ext>``) and
+``item_uri`` the item's own readable copy; Prefect persists it
 (JSON serializer) under ``<out>/.cache/<key>``, i.e. in the run's own output storage, so any worker on any machine
 that writes to the same output location finds it:
 
@@ -19,10 +22,13 @@ that writes to the same output location finds it:
   or a server), and the tasks get the slug, resolved lazily when they run. Its ``AwsCredentials()`` carry no
   secrets or endpoint: boto3's standard chain (``AWS_ENDPOINT_URL_S3`` ...) applies, as in ``tasks.storage``.
 
-The flow applies the storage with ``task.with_options(result_storage=...)`` at run time (decorators run at import,
-before the output location is known). Because keys ignore the item id, a hit may return a record whose outputs sit
-under another item's folder (an identical row) or were deleted since; ``flows.item`` checks every record against
-``uri_for(out, id, stage)`` by digest and copies, or recomputes with ``refresh_cache=True``.
+Each stage runs in a SERIALIZABLE transaction whose lock manager (``tasks.locks.StorageLockManager``) keeps its
+locks in the same output storage: two workers reaching one key at once compute it once (``stage_policy``).
+
+The flow applies the storage and the policy with ``task.with_options(...)`` at run time (decorators run at import,
+before the output location is known). Because keys ignore the item id, a hit may return a record computed for
+another item (an identical row) or whose objects were deleted since; ``flows.item`` checks every record's object by
+digest and refreshes the item's own copy, or recomputes with ``refresh_cache=True``.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
-import harmonize_core
 from harmonize_core.config import HarmonizeConfig, apply_overrides, stage_section
 
 from . import storage
+from .code_digest import installed_code_digests
+from .locks import lock_manager_for
 
-CACHE_SCHEMA = "1"  # bump to invalidate every stage record at once
+CACHE_SCHEMA = "2"  # bump to invalidate every stage record at once (2: records name content-addressed objects)
 FILE_INPUTS: tuple[str, ...] = ("content", "style", "mask")
 # The upstream stage records each task reads (parameter names of the tasks in tasks.stages).
 UPSTREAM: dict[str, tuple[str, ...]] = {
@@ -78,9 +85,13 @@ def key_section(config: HarmonizeConfig, stage: str) -> dict[str, Any]:
 
 
 def stage_cache_key(stage: str, digests: dict[str, str], config: HarmonizeConfig,
-                    weights_digest: str | None = None) -> str:
-    """Return the hex sha256 cache key of one stage run (see the module docstring for what goes in)."""
-    payload = {"schema": CACHE_SCHEMA, "core": harmonize_core.__version__, "stage": stage,
+                    weights_digest: str | None = None, code: str | None = None) -> str:
+    """Return the ``<stage>-<hex sha256>`` cache key of one stage run (see the module docstring for what goes in).
+
+    ``code`` is the stage's code digest; by default that of the installed core (``tasks.code_digest``).
+    """
+    code = code or installed_code_digests()[stage]
+    payload = {"schema": CACHE_SCHEMA, "code": code, "stage": stage,
                "inputs": dict(sorted(digests.items())), "config": key_section(config, stage),
                "weights": weights_digest if stage in ("pass1", "pass2") else None}
     text = json.dumps(payload, sort_keys=True, default=str)
@@ -107,6 +118,11 @@ class StageCache(CachePolicy):
         config = config_from_dict(inputs["item"]["config"])
         backbone = inputs.get("backbone") or {}
         return stage_cache_key(self.stage, input_digests(self.stage, inputs), config, backbone.get("digest"))
+
+
+def stage_policy(stage: str, out: str) -> StageCache:
+    """Return ``stage``'s cache policy for output ``out``: serializable, locked in that storage (computed once)."""
+    return StageCache(stage=stage).configure(isolation_level="SERIALIZABLE", lock_manager=lock_manager_for(out))
 
 
 def block_name(out: str) -> str:

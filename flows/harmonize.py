@@ -1,11 +1,13 @@
-"""``harmonize_manifest``: validate a manifest, fan its items out, write the run summary.
+"""``harmonize_manifest``: validate a manifest, run its items here or on a GPU work pool, report the run.
 
 Shape (the paper's pipeline figure, per item): dilate -> pass1 -> blend -> pass2 -> reconstruct (``flows.item``).
-Items run concurrently on a ``ThreadPoolTaskRunner``; the network stages carry a ``gpu`` tag so a Prefect tag
-concurrency limit bounds GPU use. A failed item never stops the others: the flow waits for every item, writes
-``<out>/runs/<run_id>/summary.csv`` and a table artifact, and only then raises ``ItemsFailed`` so that the run's
-final state says how many items failed. Bad manifests (unreadable, missing columns; any invalid row with
-``strict``) raise ``ManifestError`` before anything runs.
+Without a pool the items run on this process's thread pool (``flows.shard.run_items_here``); with ``pool`` they are
+split into shards that GPU workers run as ``harmonize-shard`` deployment runs (``flows.fanout``). Either way every
+finished row lands in ``<out>/runs/<run_id>/items/`` at once, the progress artifact follows, and ``summary.csv``
+is kept current. A failed item never stops the others: the flow waits for every item, writes the summary, the table
+artifact, ``<out>/status.csv`` and the run report, and only then raises ``ItemsFailed`` so that the run's final
+state says how many items failed. Bad manifests (unreadable, missing columns; any invalid row with ``strict``) raise
+``ManifestError`` before anything runs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -25,11 +26,11 @@ from tasks.backbones import backbone_spec
 from tasks.caching import prepare_result_storage
 from tasks.stages import PROGRESS
 
-from .item import ItemFailed, harmonize_item
-from .summary import COMPLETED, FAILED, SUMMARY_NAME, invalid_rows, publish_artifact, write_summary
-from .text import one_line
-
-MAX_ITEMS_IN_FLIGHT = 4  # items started at once; a `gpu` tag limit bounds the network stages further
+from .fanout import FanOut
+from .item import variant_items
+from .progress import RunProgress
+from .shard import ITEMS_IN_FLIGHT, run_items_here
+from .summary import COMPLETED, counts, invalid_rows, publish_artifact, update_status
 
 
 class ManifestError(InputError):
@@ -59,41 +60,35 @@ def check_report(report: ValidationReport, strict: bool) -> None:
                             f"(run `harmonize validate {report.manifest}` for all)")
 
 
-def collect(futures: dict[Any, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return each item's summary row as its future finishes (a failed item gives its partial row)."""
+def finish_run(out: str, run_id: str, progress: RunProgress) -> str:
+    """Write the final summary, the table artifact, ``status.csv`` and the report; return the summary URI."""
     logger = get_run_logger()
-    rows: list[dict[str, Any]] = []
-    for done, future in enumerate(as_completed(list(futures)), start=1):
-        result = future.result(raise_on_failure=False)
-        if isinstance(result, ItemFailed):
-            row = result.row
-        elif isinstance(result, dict):
-            row = result
-        else:  # crashed or cancelled: no row came back
-            item = futures[future]
-            reason = one_line(result) if isinstance(result, BaseException) else f"ended {future.state.name}"
-            row = {"id": item["id"], "row": item["row"], "status": FAILED, "error": reason}
-        rows.append(row)
-        logger.info("%d/%d items done (%s %s)", done, len(futures), row["id"], row["status"], extra=PROGRESS)
-    return rows
+    summary_uri = progress.write()
+    publish_artifact(progress.rows, summary_uri)
+    update_status(out, run_id, progress.rows)
+    logger.info("summary: %s", summary_uri, extra=PROGRESS)
+    return summary_uri
 
 
-@flow(name="harmonize-manifest", task_runner=ThreadPoolTaskRunner(max_workers=MAX_ITEMS_IN_FLIGHT))
+@flow(name="harmonize-manifest", task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT))
 def harmonize_manifest(
     manifest: str,
     out: str,
-    preset: str = "quick",
+    preset: str = "paper",
     device: str = "auto",
     backbone: str | None = None,
     weights: str | None = None,
     overrides: dict[str, Any] | None = None,
     strict: bool = False,
     only_ids: list[str] | None = None,
+    pool: str | None = None,
+    shard_size: int = 1,
 ) -> dict[str, Any]:
-    """Harmonize every valid item of ``manifest`` into ``out``; return ``{items, completed, cached, summary}``.
+    """Harmonize every valid item of ``manifest`` into ``out``; return ``{items, completed, summary, rows}``.
 
-    ``preset``/``backbone``/``weights``/``overrides`` (flat names such as ``tau``, ``size``) set every row's config;
-    a row's own override cells win over ``overrides``. ``only_ids`` limits the run to those ids (``--only-failed``).
+    ``preset``/``backbone``/``weights``/``overrides`` (flat names such as ``tau``, ``size``, ``max_seconds``) set
+    every row's config; a row's own override cells win over ``overrides``. ``only_ids`` limits the run to those ids
+    (``--only-failed``). ``pool`` sends the items, ``shard_size`` per shard, to that GPU work pool's workers.
     Raises ``ManifestError`` for an unusable manifest and ``ItemsFailed`` when any item failed or was invalid.
     """
     from harmonize_core.vgg import resolve_device
@@ -108,28 +103,25 @@ def harmonize_manifest(
         logger.warning("invalid: %s", problem.describe(manifest), extra=PROGRESS)
     logger.info("%s: %d items to run, %d invalid rows", manifest, len(report.items), len(report.invalid_rows()),
                 extra=PROGRESS)
-    rows = invalid_rows(report)
-    if report.items:
-        rows += run_items(report, out, str(resolve_device(device)))
-    summary_uri = write_summary(storage.run_uri(out, run_identifier(), SUMMARY_NAME), rows)
-    publish_artifact(rows, summary_uri)
+    run_id = run_identifier()
+    records = [item.to_record() for item in report.items]
+    expected = len(report.invalid_rows()) + sum(len(variant_items(record)) for record in records)
+    progress = RunProgress(out, run_id, expected, invalid_rows(report))
+    if records:
+        # On a pool each worker resolves "auto" on its own GPU; here the device is this process's.
+        target = device if pool else str(resolve_device(device))
+        spec = backbone_spec(report.items[0].config, "cpu" if pool else target)  # one network per run
+        storage_ref = prepare_result_storage(out)
+        logger.info("backbone %s, weights %s (sha256 %s...); stage cache records in %s", spec["name"],
+                    spec["weights"], spec["digest"][:12], storage_ref, extra=PROGRESS)
+        if pool:
+            FanOut(out, run_id, spec, target, pool, progress).run(records, shard_size)
+        else:
+            run_items_here(records, out, spec, target, run_id, on_rows=progress.add)
+    summary_uri = finish_run(out, run_id, progress)
+    rows = progress.rows
     failed = [r for r in rows if r["status"] != COMPLETED]
-    logger.info("summary: %s", summary_uri, extra=PROGRESS)
     if failed:
         raise ItemsFailed(len(failed), len(rows), summary_uri, rows)
-    return {"items": len(rows), "completed": len(rows), "summary": summary_uri, "rows": rows}
-
-
-def run_items(report: ValidationReport, out: str, device: str) -> list[dict[str, Any]]:
-    """Submit one ``harmonize_item`` per valid item and return their summary rows."""
-    result_storage = prepare_result_storage(out)
-    spec = backbone_spec(report.items[0].config, device)  # backbone and weights are run-level: one per run
-    get_run_logger().info("backbone %s, weights %s (sha256 %s...) on %s; stage cache records in %s", spec["name"],
-                          spec["weights"], spec["digest"][:12], device, result_storage, extra=PROGRESS)
-    total = len(report.items)
-    futures = {}
-    for index, item in enumerate(report.items, start=1):
-        record = item.to_record()
-        future = harmonize_item.submit(record, out, spec, device, result_storage, position=f"{index}/{total}")
-        futures[future] = record
-    return collect(futures)
+    return {"items": len(rows), "completed": counts(rows)[COMPLETED], "summary": summary_uri, "rows": rows,
+            "run_id": run_id}

@@ -1,20 +1,25 @@
 """The five stage tasks: dilate -> pass1 -> blend -> pass2 -> reconstruct, each a thin wrapper of one core stage.
 
-A task reads its inputs by URI, calls ``harmonize_core.stages``, writes ``<out>/<id>/<stage>.png`` and
-``<out>/<id>/<stage>.json`` (the stage's metrics) and returns a small JSON record (never tensors)::
+A task reads its inputs by URI, calls ``harmonize_core.stages``, and writes its image and metrics twice: once as
+immutable objects named by their sha256 (``<out>/.cache/objects/<sha256>.png|json``, what the records and the
+downstream stages read, so a reader never sees a file another writer is replacing) and once as the item's own
+readable copy ``<out>/<id>[/<variant>]/<stage>.png|json``. It returns a small JSON record (never tensors)::
 
-    {"stage": "pass1", "uri": ".../pass1.png", "sha256": "...", "metrics_uri": ".../pass1.json",
-     "summary": {"seconds": 12.3, "final_loss": 0.41}}
+    {"stage": "pass1", "uri": ".../.cache/objects/<sha>.png", "sha256": "<sha>", "metrics_uri": "...json",
+     "item_uri": ".../<id>/pass1.png", "summary": {"seconds": 12.3, "final_loss": 0.41}}
 
 Policies live on the decorator (``stage_task``): the content-addressed cache (``tasks.caching``), retries with
-exponential backoff on transient errors only (storage hiccups, CUDA out of memory; never bad input), and a ``gpu``
-tag on the network stages for a Prefect tag concurrency limit (``prefect concurrency-limit create gpu 1``).
+exponential backoff on transient errors only (storage hiccups, CUDA out of memory after freeing the cache; never bad
+input or a deadline), and a ``gpu`` tag on the network stages. Network stages take their device exclusively
+(``tasks.gpu``) and end the process on a sticky CUDA error.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,12 +34,15 @@ from harmonize_core.images import decode_image, decode_mask, decode_png_exact, e
 from . import storage
 from .backbones import load_for_task
 from .caching import StageCache, config_from_dict
+from .gpu import exclusive_device, free_device_memory, guard_cuda, is_out_of_memory, worker_name
 
 GPU_TAG = "gpu"
 RETRIES = 3
 BACKOFF_SECONDS = 2.0  # waits 2, 4, 8 s between attempts
 PROGRESS = {"harmonize_progress": True}  # log-record marker the CLI uses to show progress lines when quiet
 SUMMARY_KEYS = ("seconds", "tau", "evaluations", "loose_fraction")
+VARIANT_STAGES = ("pass2", "reconstruct")  # stages whose outputs differ per style-level variant (tau-<value>)
+COMPUTE_LOG_ENV = "HARMONIZE_COMPUTE_LOG"  # a local file: one JSON line per stage actually computed (audits, tests)
 
 
 class ComputeLog:
@@ -64,18 +72,23 @@ COMPUTED = ComputeLog()
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Return True for errors a retry may cure: connections, timeouts, CUDA OOM; never a ``HarmonizeError``."""
+    """Return True for errors a retry may cure: connections, timeouts, CUDA OOM; never a ``HarmonizeError``
+    (bad input, a stage past its ``max_seconds`` deadline)."""
     if isinstance(exc, HarmonizeError):
         return False
     return isinstance(exc, (ConnectionError, TimeoutError, torch.cuda.OutOfMemoryError))
 
 
 def retry_on_transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry only when the failed attempt's exception is transient."""
+    """Prefect ``retry_condition_fn``: retry only transient errors; free the device cache before an OOM retry."""
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - state.result re-raises the task's own exception
-        return is_transient(exc)
+        retry = is_transient(exc)
+        if retry and is_out_of_memory(exc):
+            exc.__traceback__ = None  # the failed attempt's frames hold its tensors
+            free_device_memory()
+        return retry
     return False
 
 
@@ -122,19 +135,51 @@ def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
     final = metrics.get("final")
     if isinstance(final, dict) and "total" in final:
         summary["final_loss"] = final["total"]
+    quality = metrics.get("quality")
+    if isinstance(quality, dict):
+        summary["quality"] = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
     return summary
 
 
+def variant_of(item: dict[str, Any], stage: str) -> str:
+    """Return the output sub-folder of ``stage`` for this item: its variant (``tau-5``) for pass2/reconstruct."""
+    return item.get("variant", "") if stage in VARIANT_STAGES else ""
+
+
+def metrics_for_item(metrics: dict[str, Any], item: dict[str, Any]) -> bytes:
+    """Return the item's readable metrics JSON: the stage's metrics plus the item id (and variant)."""
+    extra = {"item": item["id"], **({"variant": item["variant"]} if item.get("variant") else {})}
+    return json.dumps({**metrics, **extra}, indent=2, sort_keys=True, default=str).encode()
+
+
 def save_stage(out: str, item: dict[str, Any], output: core.StageOutput, stage: str) -> dict[str, Any]:
-    """Write the stage's PNG and metrics JSON under ``<out>/<id>/`` and return the task's record."""
-    uri = storage.uri_for(out, item["id"], stage, "png")
-    digest = storage.write_bytes(uri, encode_png(output.image))
-    metrics = {**output.metrics, "item": item["id"], "inputs": {k: v["sha256"] for k, v in item["files"].items()}}
-    metrics_uri = storage.uri_for(out, item["id"], stage, "json")
-    storage.write_bytes(metrics_uri, json.dumps(metrics, indent=2, sort_keys=True, default=str).encode())
+    """Write the stage's PNG and metrics as content-addressed objects and as the item's copies; return the record."""
+    png = encode_png(output.image)
+    metrics = {**output.metrics, "inputs": {k: v["sha256"] for k, v in item["files"].items()}}
+    metrics_json = json.dumps(metrics, indent=2, sort_keys=True, default=str).encode()
+    digest, metrics_digest = storage.sha256_bytes(png), storage.sha256_bytes(metrics_json)
+    uri, metrics_uri = storage.object_uri(out, digest, "png"), storage.object_uri(out, metrics_digest, "json")
+    storage.put_if_absent(uri, png)
+    storage.put_if_absent(metrics_uri, metrics_json)
+    variant = variant_of(item, stage)
+    item_uri = storage.uri_for(out, item["id"], stage, "png", variant)
+    storage.write_bytes(item_uri, png)
+    storage.write_bytes(storage.uri_for(out, item["id"], stage, "json", variant), metrics_for_item(metrics, item))
     COMPUTED.add(stage, item["id"])
-    return {"stage": stage, "uri": uri, "sha256": digest, "metrics_uri": metrics_uri,
+    journal(stage, item, digest, output.metrics.get("seconds"))
+    return {"stage": stage, "uri": uri, "sha256": digest, "metrics_uri": metrics_uri, "item_uri": item_uri,
             "summary": summarize(output.metrics)}
+
+
+def journal(stage: str, item: dict[str, Any], digest: str, seconds: Any) -> None:
+    """Append one JSON line to ``$HARMONIZE_COMPUTE_LOG`` (if set) recording a stage that really computed."""
+    path = os.environ.get(COMPUTE_LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({"stage": stage, "item": item["id"], "variant": item.get("variant", ""), "sha256": digest,
+                       "seconds": seconds, "worker": worker_name(), "pid": os.getpid(), "at": time.time()})
+    with open(path, "a", encoding="utf-8") as stream:  # O_APPEND: whole short lines from concurrent writers
+        stream.write(line + "\n")
 
 
 def progress_logger(item_id: str) -> Callable[[core.Iterate], None]:
@@ -162,7 +207,8 @@ def pass1(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any],
     """Write pass 1's optimised image (``pass1.png``, unblended) and its loss curves; return the record."""
     inputs, config = load_inputs(item, device)
     network = load_for_task(backbone, device)
-    output = core.pass1(inputs, load_stage_image(loose, device), network, config, progress_logger(item["id"]))
+    with exclusive_device(device), guard_cuda():
+        output = core.pass1(inputs, load_stage_image(loose, device), network, config, progress_logger(item["id"]))
     return save_stage(out, item, output, "pass1")
 
 
@@ -179,8 +225,9 @@ def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], 
     """Write pass 2's image blended into the painting (``pass2.png``) and its loss curves; return the record."""
     inputs, config = load_inputs(item, device)
     network = load_for_task(backbone, device)
-    output = core.pass2(inputs, load_stage_image(loose, device), load_stage_image(blended, device), network, config,
-                        progress_logger(item["id"]))
+    with exclusive_device(device), guard_cuda():
+        output = core.pass2(inputs, load_stage_image(loose, device), load_stage_image(blended, device), network,
+                            config, progress_logger(item["id"]))
     return save_stage(out, item, output, "pass2")
 
 
@@ -188,7 +235,9 @@ def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], 
 def reconstruct(item: dict[str, Any], pass2: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write the post-processed final image (``reconstruct.png``) and return its record."""
     inputs, config = load_inputs(item, device)
-    return save_stage(out, item, core.reconstruct(load_stage_image(pass2, device), inputs, config), "reconstruct")
+    with exclusive_device(device), guard_cuda():
+        output = core.reconstruct(load_stage_image(pass2, device), inputs, config)
+    return save_stage(out, item, output, "reconstruct")
 
 
 STAGE_TASKS = {"dilate": dilate, "pass1": pass1, "blend": blend, "pass2": pass2, "reconstruct": reconstruct}

@@ -29,7 +29,9 @@ S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
 DIGEST_METADATA = "sha256"  # S3 user metadata key holding the object's content digest
 CACHE_DIR = ".cache"  # under the output location: Prefect's cache records (see tasks.caching)
-RUNS_DIR = "runs"  # under the output location: one folder per flow run (summary.csv)
+OBJECTS_DIR = "objects"  # under CACHE_DIR: immutable stage outputs named by their sha256
+RUNS_DIR = "runs"  # under the output location: one folder per flow run (summary.csv, report, finished rows)
+ROWS_DIR = "items"  # under a run's folder: one JSON per finished item (written the moment it finishes)
 # Item ids become folder names under the output location: letters, digits, '.', '_', '-' only, never '..'.
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The environment a client is built from: a change (tests, a new endpoint) builds a new client.
@@ -101,14 +103,29 @@ def check_item_id(item_id: str) -> str:
     return item_id
 
 
-def uri_for(out: str, item_id: str, stage: str, ext: str) -> str:
-    """Return the URI of one item's stage output: ``<out>/<item_id>/<stage>.<ext>`` (the one place it is built)."""
-    return join(out, check_item_id(item_id), f"{stage}.{ext}")
+def uri_for(out: str, item_id: str, stage: str, ext: str, variant: str = "") -> str:
+    """Return the URI of one item's stage output: ``<out>/<item_id>[/<variant>]/<stage>.<ext>`` (built only here).
+
+    ``variant`` names a style-level variant's folder (``tau-5``) for the stages that differ per variant.
+    """
+    parts = [check_item_id(item_id), *([check_item_id(variant)] if variant else []), f"{stage}.{ext}"]
+    return join(out, *parts)
+
+
+def object_uri(out: str, sha256: str, ext: str) -> str:
+    """Return ``<out>/.cache/objects/<sha256>.<ext>``: where a stage output lives under its content digest."""
+    return join(out, CACHE_DIR, OBJECTS_DIR, f"{sha256}.{ext}")
+
+
+def row_uri(out: str, run_id: str, item_id: str, variant: str = "") -> str:
+    """Return ``<out>/runs/<run_id>/items/<item_id>[__<variant>].json``, one finished summary row."""
+    name = f"{check_item_id(item_id)}__{check_item_id(variant)}" if variant else check_item_id(item_id)
+    return run_uri(out, run_id, f"{ROWS_DIR}/{name}.json")
 
 
 def run_uri(out: str, run_id: str, name: str) -> str:
-    """Return ``<out>/runs/<run_id>/<name>``, where a flow run writes its summary."""
-    return join(out, RUNS_DIR, check_item_id(run_id), name)
+    """Return ``<out>/runs/<run_id>/<name>``, where a flow run writes its summary (``name`` may hold ``/``)."""
+    return join(out, RUNS_DIR, check_item_id(run_id), *name.split("/"))
 
 
 def cache_uri(out: str) -> str:
@@ -237,8 +254,29 @@ def digest(uri: str, compute: bool = True) -> str | None:
 
 
 def copy(source: str, target: str) -> str:
-    """Copy the object at ``source`` to ``target`` (atomically, keeping the digest) and return its sha256."""
+    """Copy the object at ``source`` to ``target`` (atomically, keeping the digest) and return its sha256.
+
+    Between two ``s3://`` URIs the copy is server-side (no download), carrying the stored digest along.
+    """
+    if is_s3(source) and is_s3(target):
+        stored = digest(source)
+        if stored is None:
+            raise InputError(f"{source}: not found (check the path, the bucket and AWS_ENDPOINT_URL)")
+        (bucket, key), (source_bucket, source_key) = split_s3(target), split_s3(source)
+        try:
+            s3_client().copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": source_bucket, "Key": source_key},
+                                    Metadata={DIGEST_METADATA: stored}, MetadataDirective="REPLACE")
+        except Exception as exc:
+            raise classify(exc, target) from exc
+        return stored
     return write_bytes(target, read_bytes(source))
+
+
+def put_if_absent(uri: str, data: bytes) -> str:
+    """Write ``data`` at ``uri`` unless an object is already there (content-addressed objects); return the sha256."""
+    if not exists(uri):
+        return write_bytes(uri, data)
+    return sha256_bytes(data)
 
 
 def list_uris(prefix: str) -> list[str]:
@@ -291,3 +329,33 @@ def fetch_to_local(uri: str, cache_dir: Path) -> Path:
         data = read_bytes(uri)
         write_bytes(str(target), data)
     return target
+
+
+def stat(uri: str) -> dict | None:
+    """Return what storage reports about ``uri`` without reading it, or None when there is no file/object.
+
+    S3: a HEAD, ``{"size", "etag", "last_modified"}`` (ISO 8601); local: ``{"size", "mtime_ns"}``. Two equal stats
+    mean an unchanged input (the input index reuses its digest). Other failures raise as ``read_bytes`` does.
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            error = classify(exc, uri)
+            if isinstance(error, InputError) and "not found" in str(error):
+                return None
+            raise error from exc
+        modified = head.get("LastModified")
+        return {"size": int(head.get("ContentLength", 0)), "etag": str(head.get("ETag", "")),
+                "last_modified": modified.isoformat() if modified is not None else ""}
+    import stat as stat_mode
+
+    path = _local(uri)
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise _local_error(exc, path) from None
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns} if stat_mode.S_ISREG(info.st_mode) else None

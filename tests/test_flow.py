@@ -129,8 +129,12 @@ def test_reruns_recompute_only_what_changed(prefect_api, tiny_manifest, tmp_path
     assert {r["status"] for r in rows.values()} == {"completed"} and rows["a"]["cached"] == ""
     assert float(rows["a"]["pass2_loss"]) > 0 and rows["b"]["final_uri"] == str(out / "b" / "reconstruct.png")
     assert Path(result["summary"]).parent.parent == out / "runs"
-    records = sorted(p.name.split("-")[0] for p in (out / ".cache").iterdir())
+    records = sorted(p.name.split("-")[0] for p in (out / ".cache").iterdir() if p.is_file())
     assert records == sorted(STAGES * 2)
+    objects = {p.name for p in (out / ".cache" / "objects").iterdir()}
+    for item_id in "ab":  # every output also lives as an immutable object named by its digest
+        assert {f"{storage.digest(storage.uri_for(str(out), item_id, s, 'png'))}.png" for s in STAGES} <= objects
+    assert not list((out / ".cache" / "locks").glob("*.lock"))  # every stage lock was released
 
     prefect_api.clear()
     state, result = run(tiny_manifest, out)
@@ -162,7 +166,7 @@ def test_reruns_recompute_only_what_changed(prefect_api, tiny_manifest, tmp_path
     assert rows["b"]["cached"] == ";".join(STAGES)
 
 
-def test_identical_rows_share_records_and_missing_outputs_are_recomputed(prefect_api, tiny_manifest, tmp_path):
+def test_identical_rows_share_records_and_missing_outputs_are_restored(prefect_api, tiny_manifest, tmp_path):
     out = tmp_path / "out"
     run(tiny_manifest, out, only_ids=["a"])
     lines = tiny_manifest.read_text().splitlines()
@@ -175,12 +179,16 @@ def test_identical_rows_share_records_and_missing_outputs_are_recomputed(prefect
     for stage in STAGES:
         ours, theirs = (storage.uri_for(str(out), i, stage, "png") for i in ("twin", "a"))
         assert storage.digest(ours) == storage.digest(theirs) is not None
-    (out / "a" / "pass2.png").unlink()  # outputs deleted behind the cache's back
+    pass2_digest = storage.digest(str(out / "a" / "pass2.png"))
+    (out / "a" / "pass2.png").unlink()  # an item's readable copy deleted: restored from its object, no compute
     prefect_api.clear()
     run(twin, out, only_ids=["a"])
-    assert ("pass2", "a") in computed(prefect_api)
-    assert not computed(prefect_api) & {(s, "a") for s in ("dilate", "pass1", "blend")}
-    assert (out / "a" / "pass2.png").is_file()
+    assert computed(prefect_api) == set() and storage.digest(str(out / "a" / "pass2.png")) == pass2_digest
+    (out / ".cache" / "objects" / f"{pass2_digest}.png").unlink()  # the object itself gone: recomputed
+    prefect_api.clear()
+    run(twin, out, only_ids=["a"])
+    assert computed(prefect_api) == {("pass2", "a")}  # same bytes again, so reconstruct stays a hit
+    assert storage.digest(str(out / ".cache" / "objects" / f"{pass2_digest}.png")) == pass2_digest
 
 
 def test_bad_rows_are_reported_and_the_others_complete(prefect_api, tmp_path):
@@ -274,7 +282,7 @@ def test_summary_artifact_and_csv_columns(prefect_api, tiny_manifest, tmp_path):
     assert "1 completed, 0 failed, 0 invalid" in artifact.description
     with open(result["summary"], newline="") as stream:
         header = next(csv.reader(stream))
-    assert header[:5] == ["id", "row", "status", "error", "cached"]
+    assert header[:9] == ["id", "variant", "row", "status", "error", "warnings", "cached", "worker", "tau"]
     assert {f"{s}_s" for s in STAGES} | {f"{s}_uri" for s in STAGES} <= set(header)
 
 

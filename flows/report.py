@@ -100,7 +100,7 @@ class Card:
     anchor: str = ""
     rank: float = 0.0
     row_number: int = 0
-    html: str = field(default="", repr=False)
+    markup: str = field(default="", repr=False)  # the rendered <article>
 
 
 # ----------------------------------------------------------------------------------------------- public functions
@@ -122,7 +122,7 @@ def build_report(out: str, run_id: str | None = None, *, page_size: int = DEFAUL
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         htmls = list(pool.map(lambda card: render_card(card, out, folder), cards))
     for card, text in zip(cards, htmls, strict=True):
-        card.html = text
+        card.markup = text
     modified = _modified(summary_uri)
     header = {"run_id": run_id, "date": modified.strftime("%Y-%m-%d %H:%M UTC") if modified else "",
               "totals": count_cards(cards), "seconds": _total_seconds(rows), "rows": len(rows)}
@@ -573,15 +573,24 @@ def _card_header(card: Card) -> str:
     seconds = sum(_as_float(r.get("total_s"), 0.0) for r in card.rows)
     if seconds:
         facts.append(_duration(seconds))
-    if any(r.get("cached", "").lower() == "true" for r in card.rows):
-        facts.append("cached")
-    if first.get("worker"):
-        facts.append(f"worker {html.escape(first['worker'])}")
+    cached = _cell_list(card.rows, "cached")
+    if cached:  # the stages a cache hit skipped (older summaries: True/False)
+        facts.append("cached" if cached == ["true"] else "cached: " + ", ".join(html.escape(c) for c in cached))
+    workers = _cell_list(card.rows, "worker")
+    if workers:
+        facts.append("worker " + ", ".join(html.escape(w) for w in workers))
     badge = "completed, warned" if card.status == COMPLETED and card.warned else card.status
     row = html.escape(first.get("row", "") or "?")
     return (f'<header><h2><span class="badge">{html.escape(badge)}</span> {html.escape(card.key)} '
             f'<small>row {row}</small><a class="anchor" href="#{card.anchor}" title="link to this item">#</a></h2>'
             f'<p class="facts">{" &middot; ".join(facts)}</p></header>')
+
+
+def _cell_list(rows: list[dict[str, str]], column: str) -> list[str]:
+    """Return the distinct ``;``-separated values of ``column`` over ``rows`` (empty and "false" dropped)."""
+    values = (v.strip() for row in rows for v in row.get(column, "").split(";"))
+    return list(dict.fromkeys(v.lower() if v.lower() in ("true", "false") else v for v in values
+                              if v and v.lower() != "false"))
 
 
 def _card_messages(card: Card) -> str:
@@ -594,7 +603,8 @@ def _card_messages(card: Card) -> str:
     if warnings:
         parts.append('<ul class="warnings">' + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     if len(card.rows) > 1:
-        parts.append('<p class="hint">Pick a variant: write its &tau; into the manifest&#39;s <code>tau</code> column.</p>')
+        parts.append('<p class="hint">Pick a variant: put its &tau; value in the manifest&#39;s <code>tau</code> column '
+                     'and rerun.</p>')
     return "".join(parts)
 
 
@@ -672,8 +682,10 @@ border-radius:4px;font-family:ui-monospace,monospace;font-size:12.5px;overflow-w
 figure img,.missing{display:block;width:148px;height:148px;object-fit:contain;background:#eceae6;border-radius:3px}
 .missing{display:flex;align-items:center;justify-content:center;color:#999;font-size:12px;
 border:1px dashed #ccc}.missing.plot{width:272px;height:86px}
-figcaption{font-size:12px;color:#444;margin-top:3px;line-height:1.3}figure.variant{outline:2px solid #e3e0da;
-outline-offset:3px;border-radius:3px}.bad{color:var(--failed);font-weight:600}.quality{color:var(--muted)}
+figcaption{font-size:12px;color:#444;margin-top:3px;line-height:1.3}figure.variant{width:208px;
+outline:2px solid #e3e0da;outline-offset:3px;border-radius:3px}figure.variant img,figure.variant .missing{width:208px;
+height:208px}code{background:#f0efec;padding:0 3px;border-radius:3px;font-size:12px}
+.bad{color:var(--failed);font-weight:600}.quality{color:var(--muted)}
 figure.plot{width:auto}svg.curve{display:block;width:272px;height:auto;font-size:10px;font-family:inherit}
 svg .frame{fill:#fafafa;stroke:#ccc}svg .grid{stroke:#e6e6e6}svg .tick{fill:#999;font-size:8px}
 .times{margin:2px 0;color:var(--muted);font-size:12.5px}
@@ -698,7 +710,7 @@ def render_page(cards: list[Card], number: int, pages: int, header: dict[str, An
     """Return one report page: run header (totals, filters, page links), the cards, the page links again."""
     title = f"Harmonization run {header['run_id']}" + (f" (page {number} of {pages})" if pages > 1 else "")
     nav = _page_nav(number, pages)
-    body = "".join(card.html for card in cards) or '<p class="empty">This run has no items.</p>'
+    body = "".join(card.markup for card in cards) or '<p class="empty">This run has no items.</p>'
     targets = "".join(f'<i class="ft" id="only-{status}"></i>' for status in STATUS_ORDER)
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -107,7 +107,7 @@ def write_summary(out: str, run_id: str, rows: list[dict[str, str]]) -> str:
 def fake_run(out: str, inputs: str, run_id: str = RUN_ID) -> list[dict[str, str]]:
     """Write a run: 2 completed items (one with warnings), 1 failed after pass 1, 1 invalid, 1 id with two taus."""
     alpha = completed(out, inputs, "alpha", 2, notes=EXTRA_NOTE, licence="CC-BY 4.0", quality_style="0.25",
-                      quality_structure="0.8", quality_seam="1.5")
+                      quality_structure="0.8", quality_seam="1.5", cached="dilate;pass1", worker="gpu-1")
     storage.write_bytes(alpha["style_uri"], png(PAINTING_SIZE, (200, 180, 90)))  # a painting larger than a thumbnail
     beta = completed(out, inputs, "beta", 3, warnings="mask: touches the border;composite: low JPEG quality")
     gamma_folder = storage.join(out, "gamma")
@@ -233,9 +233,10 @@ def test_report_page_links_order_filters_variants(local_run):
         assert f"#only-{status}" in page.links and f"only-{status}" in page.ids
     delta = page.cards[4]
     assert [classes for classes in delta["figures"] if "variant" in classes] == [["variant"], ["variant"]]
-    assert "&tau; = 1</b>" in text and "&tau; = 10</b>" in text and "manifest&#39;s <code>tau</code>" in text
+    assert "&tau; = 1</b>" in text and "&tau; = 10</b>" in text and "manifest&#39;s <code>tau</code> column" in text
     assert "&lt;b&gt;frame&lt;/b&gt; &amp; &quot;crop&quot;" in text and "<b>frame</b>" not in text  # cells escaped
     assert "CUDA out of memory &lt;retried 3 times&gt;" in text
+    assert "cached: dilate, pass1 &middot; worker gpu-1" in text
     assert "Quality: style = quality_style" in text  # the quality legend, since alpha has quality scores
     assert "summary.csv" in page.links
 

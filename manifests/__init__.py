@@ -1,4 +1,5 @@
-"""Manifests: the CSV schema of a batch (one item per row), reading from local paths or ``s3://``, validation."""
+"""Manifests: the CSV schema of a batch (one item per row), reading from local paths or ``s3://``, validation
+(errors and warnings), and the input index that spares unchanged inputs a second read."""
 
 from .schema import (
     COLUMNS,
@@ -11,7 +12,10 @@ from .schema import (
     Problem,
     RunSettings,
     check_run_settings,
+    parse_tau_list,
     resolve_config,
+    resolve_tau_variants,
+    tau_label,
 )
 from .validate import ValidationReport, read_rows, validate_manifest
 
@@ -27,7 +31,10 @@ __all__ = [
     "RunSettings",
     "ValidationReport",
     "check_run_settings",
+    "parse_tau_list",
     "read_rows",
     "resolve_config",
+    "resolve_tau_variants",
+    "tau_label",
     "validate_manifest",
 ]

@@ -2,13 +2,15 @@
 
 A manifest is a CSV with one item per row::
 
-    id,content,style,mask[,tau][,size][,pass1_iters][,pass2_iters][,preset]
-    cat-01,cat-01/composite.png,cat-01/painting.jpg,cat-01/mask.png,,,,,
+    id,content,style,mask[,tau][,size][,pass1_iters][,pass2_iters][,preset][,any other column]
+    cat-01,cat-01/composite.png,cat-01/painting.jpg,cat-01/mask.png,1;5;10,,,,,from the 2019 set
 
 ``content`` is the naive composite (the painting with the object pasted in), ``style`` the painting, ``mask`` the
 tight mask (white = object). Paths are relative to the manifest's own folder or ``s3://`` prefix, or absolute, or
-``s3://`` URIs. Empty override cells keep the run's value. Rows are numbered as a spreadsheet shows them: the
-header is row 1, the first item row 2 (blank lines are skipped and not counted).
+``s3://`` URIs. Empty override cells keep the run's value. A ``tau`` cell (or the run's tau) may list several values
+separated by ``;``: each is its own output (``tau_variants``). Columns the schema does not know (notes, source,
+licence) are kept as the item's ``extra`` cells. Rows are numbered as a spreadsheet shows them: the header is row 1,
+the first item row 2 (blank lines are skipped and not counted).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from harmonize_core.config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, preset
+from harmonize_core.config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, parse_tau, preset
 from harmonize_core.errors import InputError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "content", "style", "mask")
@@ -31,22 +33,41 @@ COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
 FIRST_DATA_ROW = 2  # the header is row 1
 # Run-level settings that rows may not change (one backbone per run: it is loaded once and shared).
 RUN_ONLY_FIELDS: tuple[str, ...] = ("backbone", "weights")
+TAU_COLUMN = "tau"
+TAU_SEPARATOR = ";"  # a tau cell (or the run's tau) listing several values: "1;5;10"; each value is its own output
+ERROR, WARNING = "error", "warning"  # Problem.severity
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One validation problem: ``row`` (spreadsheet numbering, None = the whole file), ``column``, ``message``."""
+    """One validation finding: ``row`` (spreadsheet numbering, None = the whole file), ``column``, ``message``.
+
+    ``severity`` is ``"error"`` (the row does not run) or ``"warning"`` (the row runs; strict validation makes it an
+    error).
+    """
 
     row: int | None
     column: str | None
     message: str
     item_id: str = ""
+    severity: str = ERROR
+
+    @property
+    def is_warning(self) -> bool:
+        """True for a warning (the row still runs)."""
+        return self.severity == WARNING
 
     def describe(self, manifest: str) -> str:
-        """Return the problem as one line naming the manifest, the row and the column."""
+        """Return the finding as one line naming the manifest, the row and the column (warnings say so)."""
         where = [manifest] + ([f"row {self.row}"] if self.row is not None else [])
         where += [f"column {self.column}"] if self.column else []
-        return f"{', '.join(where)}: {self.message}"
+        return f"{', '.join(where)}: {'warning: ' if self.is_warning else ''}{self.message}"
+
+    def as_error(self) -> Problem:
+        """Return this warning as an error (strict validation); errors are returned unchanged."""
+        if not self.is_warning:
+            return self
+        return dataclasses.replace(self, severity=ERROR, message=f"{self.message} (a warning; strict makes it an error)")
 
 
 @dataclass(frozen=True)
@@ -63,18 +84,32 @@ class FileRef:
 
 @dataclass(frozen=True)
 class Item:
-    """One valid manifest row: id, row number, its three input files and its resolved configuration."""
+    """One valid manifest row: id, row number, its three input files and its resolved configuration.
+
+    ``config.pass2.tau`` is the row's (first) tau; ``tau_variants`` lists every tau when the row or the run gives
+    several (empty for one or none). ``extra`` holds the cells of columns the schema does not know (header names as
+    written, in header order); ``warnings`` the row's one-line warnings (``column: message``).
+    """
 
     id: str
     row: int
     files: dict[str, FileRef]
     config: HarmonizeConfig
     overrides: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    tau_variants: tuple[float | str, ...] = ()
+
+    def variant_configs(self) -> dict[str, HarmonizeConfig]:
+        """Return ``{tau_label: config}`` for each tau variant (empty when the row has a single tau)."""
+        return {tau_label(tau): _with_tau(self.config, tau) for tau in self.tau_variants}
 
     def to_record(self) -> dict[str, Any]:
-        """Return the JSON-able form passed to tasks: id, row, files {column: {uri, sha256}}, config dict."""
+        """Return the JSON-able form passed to tasks: id, row, files {column: {uri, sha256}}, config dict, overrides,
+        extra {column: cell}, warnings [str] and tau_variants [float | "auto"]."""
         return {"id": self.id, "row": self.row, "files": {k: v.to_dict() for k, v in self.files.items()},
-                "config": self.config.to_dict(), "overrides": dict(self.overrides)}
+                "config": self.config.to_dict(), "overrides": dict(self.overrides), "extra": dict(self.extra),
+                "warnings": list(self.warnings), "tau_variants": list(self.tau_variants)}
 
 
 @dataclass(frozen=True)
@@ -95,13 +130,72 @@ def resolve_config(run: RunSettings, row_overrides: dict[str, str]) -> Harmonize
 
     A row's cells win over the run's flags (a flag is the default for rows that leave the cell empty).
     The backbone section always comes from the run (``RUN_ONLY_FIELDS``): a row's preset may not switch the
-    network, which is loaded once per run. Raises ``ValueError`` naming the field for a bad value.
+    network, which is loaded once per run. A tau list (``1;5;10``) sets ``pass2.tau`` to its first value (see
+    ``resolve_tau_variants`` for all of them). Raises ``ValueError`` naming the field for a bad value.
     """
     name = row_overrides.get(PRESET_COLUMN) or run.preset
-    config = apply_overrides(preset(name), run.overrides)
-    config = apply_overrides(config, {k: v for k, v in row_overrides.items() if k in OVERRIDE_COLUMNS})
-    run_backbone = apply_overrides(preset(run.preset), run.overrides).backbone
+    config = apply_overrides(preset(name), _first_tau(run.overrides))
+    config = apply_overrides(config, _first_tau({k: v for k, v in row_overrides.items() if k in OVERRIDE_COLUMNS}))
+    run_backbone = apply_overrides(preset(run.preset), _first_tau(run.overrides)).backbone
     return dataclasses.replace(config, backbone=run_backbone)
+
+
+def resolve_tau_variants(run: RunSettings, row_overrides: dict[str, str]) -> tuple[float | str, ...]:
+    """Return the row's tau variants: its tau cell's values, else the run's tau values; empty for one value or none.
+
+    Raises ``ValueError`` naming the bad value of a list.
+    """
+    cell = row_overrides.get(TAU_COLUMN)
+    values = parse_tau_list(cell if cell not in (None, "") else run.overrides.get(TAU_COLUMN))
+    return values if len(values) > 1 else ()
+
+
+def parse_tau_list(value: Any) -> tuple[float | str, ...]:
+    """Return the tau values of ``value`` in order, duplicates dropped: a number, ``auto`` or ``1;5;10``.
+
+    Each value goes through ``config.parse_tau`` (positive float or ``"auto"``); empty entries are ignored, so
+    ``None`` or ``""`` give ``()``. Raises ``ValueError`` naming the bad value.
+    """
+    if value is None or not isinstance(value, str):
+        parsed = parse_tau(value)
+        return () if parsed is None else (parsed,)
+    values: list[float | str] = []
+    for part in (p.strip() for p in value.split(TAU_SEPARATOR)):
+        try:
+            parsed = parse_tau(part)
+        except (ValueError, TypeError) as exc:
+            reason = str(exc) if "tau must be" in str(exc) else "not a number"
+            raise ValueError(f"bad tau value {part!r}" + (f" in the list {value!r}" if TAU_SEPARATOR in value else "")
+                             + f": {reason}; use positive numbers or 'auto', separated by '{TAU_SEPARATOR}'") from None
+        if parsed is not None and parsed not in values:
+            values.append(parsed)
+    return tuple(values)
+
+
+def tau_label(value: float | str) -> str:
+    """Return the folder label of a tau value: ``5.0 -> "5"``, ``2.5 -> "2.5"``, ``"auto" -> "auto"``.
+
+    Distinct floats give distinct labels (the shortest round-trip form, without ``.0`` or ``+``); outputs of a
+    variant go under ``<out>/<id>/tau-<label>/``.
+    """
+    if isinstance(value, str):
+        return value.strip().lower()
+    number = float(value)
+    text = repr(number)
+    return (text[:-2] if text.endswith(".0") else text).replace("+", "")
+
+
+def _first_tau(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return ``overrides`` with a tau list replaced by its first value (the item's main config)."""
+    value = overrides.get(TAU_COLUMN)
+    if not isinstance(value, str) or TAU_SEPARATOR not in value:
+        return overrides
+    values = parse_tau_list(value)
+    return {**overrides, TAU_COLUMN: values[0] if values else None}
+
+
+def _with_tau(config: HarmonizeConfig, tau: float | str) -> HarmonizeConfig:
+    return dataclasses.replace(config, pass2=dataclasses.replace(config.pass2, tau=tau))
 
 
 def check_run_settings(run: RunSettings) -> HarmonizeConfig:
@@ -116,6 +210,12 @@ def check_override(column: str, value: str) -> str | None:
     """Return why ``value`` is not acceptable in override ``column``, or None when it is."""
     if column == PRESET_COLUMN:
         return None if value in PRESETS else f"unknown preset {value!r}: use one of {', '.join(PRESETS)}"
+    if column == TAU_COLUMN and TAU_SEPARATOR in value:
+        try:
+            parse_tau_list(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
     if column in INTEGER_COLUMNS and not _is_whole(value):
         return f"bad value {value!r} for {OVERRIDE_FIELDS[column]}: expected a whole number"
     try:

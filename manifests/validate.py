@@ -1,58 +1,99 @@
 """Read a manifest (local or ``s3://``) and validate every row, reporting every problem at once.
 
-Checked: the header (missing required columns, unknown columns), ids (empty, unsafe as a folder name, duplicated),
-files (empty cell, missing, unreadable, not an image), sizes (the composite, the painting and the mask must match),
-masks (empty, or empty at the working size) and override cells (parsed through ``config.apply_overrides``). Each
-problem names its row and column. Valid rows come back as ``Item`` records carrying their inputs' sha256 digests,
-which seed the stage cache keys; invalid rows are reported and skipped (the caller decides whether that is fatal).
+Errors (the row does not run): the header (missing required or duplicated columns), ids (empty, unsafe as a folder
+name, duplicated regardless of case), files (empty cell, missing, unreadable, not an image), sizes (the composite,
+the painting and the mask must match), masks (empty, or empty at the working size) and override cells (parsed
+through ``config.apply_overrides``; a tau cell may list values, ``1;5;10``). Warnings (the row runs; strict
+validation makes them errors): an unknown column that looks like a typo of a known one, a mostly grey mask, pixels
+changed outside the dilated mask, a composite with nothing pasted (``manifests.checks``). Unknown columns are kept
+as each item's ``extra`` cells. Each finding names its row and column. Valid rows come back as ``Item`` records
+carrying their inputs' sha256 digests, which seed the stage cache keys.
+
+With an ``index`` prefix, what was learnt about each input is kept there (``manifests.index``): an input whose
+stat (size + mtime, or size + ETag on S3) is unchanged is not read again, and an unchanged row's content checks
+are not recomputed.
 """
 
 from __future__ import annotations
 
+import difflib
 import io
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
-from harmonize_core.config import MaskConfig
+from harmonize_core.config import HarmonizeConfig, MaskConfig
 from harmonize_core.errors import InputError
 from harmonize_core.images import decode_image, decode_mask, resize, working_shape
 from tasks import storage
 
+from .checks import (
+    ANALYSIS_SIZE,
+    ANALYSIS_VERSION,
+    CHANGE_TOLERANCE_LEVELS,
+    Consistency,
+    consistency_warnings,
+    grey_fraction,
+    grey_mask_warning,
+    measure_consistency,
+)
+from .index import InputIndex, analysis_key
 from .schema import (
     COLUMNS,
     FILE_COLUMNS,
     FIRST_DATA_ROW,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
+    TAU_COLUMN,
+    WARNING,
     FileRef,
     Item,
     Problem,
     RunSettings,
     check_override,
     resolve_config,
+    resolve_tau_variants,
 )
 
-DEFAULT_THRESHOLD = MaskConfig().binarize_threshold
+DEFAULT_MASKS = MaskConfig()
 READ_WORKERS = 8  # rows checked concurrently (I/O bound: S3 GETs and image decodes)
+TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown column is taken for a misspelt known one
+UNNAMED_COLUMN = "column_"  # an unnamed column with cells is kept as column_<position>
+BYTES_CACHE_LIMIT = 64 * 2**20  # bytes of recently read inputs kept for the row checks (not read twice)
+BOM = "\ufeff"
 
 
 @dataclass
 class ValidationReport:
-    """The outcome of validating one manifest: valid ``items``, every ``problem``, and the number of rows."""
+    """The outcome of validating one manifest.
+
+    ``items``: the valid rows; ``problems``: every error (rows with one do not run); ``warnings``: every warning
+    (those rows still run; empty under strict validation, which turns them into problems); ``extra_columns``: the
+    header's unknown columns in order; ``extras``: ``{row: {column: cell}}`` of those columns for every row.
+    """
 
     manifest: str
     items: list[Item] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
     row_count: int = 0
-    fatal: bool = False  # the file itself is unusable (unreadable, no rows, required columns missing)
+    fatal: bool = False  # the file itself is unusable (unreadable, no rows, required columns missing, unknown ids)
+    extra_columns: list[str] = field(default_factory=list)
+    extras: dict[int, dict[str, str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """True when there is no problem at all."""
+        """True when there is no error (warnings allowed)."""
         return not self.problems
+
+    @property
+    def clean(self) -> bool:
+        """True when there is neither an error nor a warning."""
+        return not self.problems and not self.warnings
 
     def invalid_rows(self) -> dict[int, list[Problem]]:
         """Return ``{row: [problems]}`` for the rows that will not run."""
@@ -63,147 +104,251 @@ class ValidationReport:
         return rows
 
     def table(self) -> str:
-        """Return the problems as an aligned text table (row, id, column, problem), or a one-line all-clear."""
-        if self.ok:
+        """Return errors then warnings as an aligned text table (row, id, column, problem), or a one-line all-clear."""
+        if self.clean:
             return f"{self.manifest}: {len(self.items)} rows, all valid"
         header = ("row", "id", "column", "problem")
-        lines = [(str(p.row) if p.row is not None else "-", p.item_id or "-", p.column or "-", p.message)
-                 for p in self.problems]
+        lines = [(str(p.row) if p.row is not None else "-", p.item_id or "-", p.column or "-",
+                  f"warning: {p.message}" if p.is_warning else p.message) for p in [*self.problems, *self.warnings]]
         widths = [max(len(r[i]) for r in [header, *lines]) for i in range(3)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-        invalid = len(self.invalid_rows())
-        title = (f"{self.manifest}: {len(self.problems)} problem(s); {invalid} of {self.row_count} rows invalid, "
-                 f"{len(self.items)} valid")
+        warned = f"; {len(self.warnings)} warning(s)" if self.warnings else ""
+        if self.ok:
+            title = f"{self.manifest}: {len(self.items)} rows, all valid{warned}"
+        else:
+            title = (f"{self.manifest}: {len(self.problems)} problem(s); {len(self.invalid_rows())} of {self.row_count} "
+                     f"rows invalid, {len(self.items)} valid{warned}")
         return "\n".join([title, fmt.format(*header), *(fmt.format(*r) for r in lines)])
 
 
 def read_rows(uri: str) -> tuple[list[str], list[dict[str, str]]]:
-    """Return (column names, rows as {column: stripped cell}) of the CSV at ``uri``; ``InputError`` if unusable."""
+    """Return (column names, rows as {column: stripped cell}) of the CSV at ``uri``; ``InputError`` if unusable.
+
+    Known column names are normalised (case, surrounding spaces); unknown ones keep their spelling. An unnamed
+    column with cells becomes ``column_<position>``; one without cells is dropped. A repeated name keeps its first
+    column's cells (``validate_manifest`` reports the repeat).
+    """
     import pandas as pd
 
     data = storage.read_bytes(uri)
     try:
-        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, skip_blank_lines=True)
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, header=None, keep_default_na=False, skip_blank_lines=True)
     except pd.errors.EmptyDataError:
         raise InputError(f"{uri}: the manifest is empty; it needs a header row {','.join(REQUIRED_COLUMNS)}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise InputError(f"{uri}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
-    columns = [str(c).strip().lower() for c in frame.columns]
-    frame.columns = columns
-    rows = [{c: str(v).strip() for c, v in record.items()} for record in frame.to_dict(orient="records")]
+    cells = [["" if pd.isna(v) else str(v).strip() for v in record] for record in frame.itertuples(index=False)]
+    header, body = cells[0], cells[1:]
+    columns, keep = [], []
+    for position, raw in enumerate(header):
+        name = raw.replace(BOM, "").strip()
+        if not name and not any(line[position] for line in body):
+            continue  # a trailing separator: no name and no cells
+        columns.append(name.lower() if name.lower() in COLUMNS else (name or f"{UNNAMED_COLUMN}{position + 1}"))
+        keep.append(position)
+    rows = []
+    for line in body:
+        row: dict[str, str] = {}
+        for name, position in zip(columns, keep, strict=True):
+            row.setdefault(name, line[position])
+        rows.append(row)
     return columns, rows
 
 
-def validate_manifest(uri: str, run: RunSettings | None = None, only_ids: set[str] | list[str] | None = None,
-                      ) -> ValidationReport:
-    """Return the ``ValidationReport`` of the manifest at ``uri`` (every problem, row and column named).
+def validate_manifest(uri: str, run: RunSettings | None = None, only_ids: set[str] | list[str] | None = None, *,
+                      strict_warnings: bool = False, index: str | None = None) -> ValidationReport:
+    """Return the ``ValidationReport`` of the manifest at ``uri`` (every problem and warning, row and column named).
 
     ``run`` supplies the preset and run-level overrides each row's config starts from. ``only_ids`` restricts the
-    rows checked (and the items returned) to those ids; duplicates are still found across every row. An unreadable
-    manifest raises ``InputError``.
+    rows checked (and the items returned) to those ids; duplicates are still found across every row, and an id
+    that is not in the manifest makes the report fatal. ``strict_warnings`` turns every warning into an error (the
+    row is invalid). ``index`` is a storage prefix (folder or ``s3://``) where inputs' digests and checks are kept
+    between runs (``manifests.index``); None reads every input. An unreadable manifest raises ``InputError``.
     """
     run = run or RunSettings()
     columns, rows = read_rows(uri)
     report = ValidationReport(manifest=uri, row_count=len(rows))
-    report.problems.extend(_header_problems(columns))
+    report.extra_columns = list(dict.fromkeys(c for c in columns if c not in COLUMNS))
+    report.extras = {FIRST_DATA_ROW + i: {c: r[c] for c in report.extra_columns} for i, r in enumerate(rows)}
+    header_problems = _header_problems(columns)
+    _file_findings(report, header_problems, strict_warnings)
     if any(c not in columns for c in REQUIRED_COLUMNS) or not rows:
         if not rows:
             report.problems.append(Problem(None, None, "the manifest has no rows"))
         report.fatal = True
         return report
-    id_problems = _id_problems(rows)
     wanted = set(only_ids) if only_ids is not None else None
     unknown = sorted(wanted - {row["id"] for row in rows}) if wanted is not None else []
     if unknown:
-        report.problems.append(Problem(None, "id", f"selected id(s) not in the manifest: {', '.join(unknown)}"))
-    base = storage.parent(uri)
-    checker = _FileChecker()
+        report.problems.append(Problem(None, "id", f"selected id(s) not in the manifest: {', '.join(unknown)}; they "
+                                       "may have been renamed or removed since they were selected"))
+        report.fatal = True
+        return report
+    context = _RowContext(storage.parent(uri), run, _Inputs(InputIndex(index)), _id_problems(rows), strict_warnings,
+                          report.extra_columns)
     selected = [(FIRST_DATA_ROW + i, r) for i, r in enumerate(rows) if wanted is None or r["id"] in wanted]
     with ThreadPoolExecutor(max_workers=READ_WORKERS) as pool:
-        results = list(pool.map(lambda pair: _check_row(*pair, base, run, checker, id_problems), selected))
-    for item, problems in results:
-        report.problems.extend(problems)
+        results = list(pool.map(lambda pair: _check_row(*pair, context), selected))
+    for item, findings in results:
+        _file_findings(report, findings, strict_warnings)
         if item is not None:
             report.items.append(item)
-    report.problems.sort(key=lambda p: (p.row or 0, COLUMNS.index(p.column) if p.column in COLUMNS else 99))
+    order = {name: position for position, name in enumerate(COLUMNS)}
+    for findings in (report.problems, report.warnings):
+        findings.sort(key=lambda p: (p.row or 0, order.get(p.column, len(order))))
     return report
+
+
+def _file_findings(report: ValidationReport, findings: list[Problem], strict: bool) -> None:
+    for finding in findings:
+        if finding.is_warning and not strict:
+            report.warnings.append(finding)
+        else:
+            report.problems.append(finding.as_error())
 
 
 def _header_problems(columns: list[str]) -> list[Problem]:
     problems = []
+    unknown = [c for c in columns if c not in COLUMNS]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
+        guesses = [f"{u!r}" for u in unknown if _typo_of(u) in missing]
+        hint = f" ({', '.join(guesses)} may be misspelt)" if guesses else ""
         problems.append(Problem(None, ", ".join(missing), f"missing required column(s) {', '.join(missing)}; the "
-                                f"header must include {','.join(REQUIRED_COLUMNS)}"))
-    for name in columns:
-        if name not in COLUMNS:
-            problems.append(Problem(None, name, f"unknown column {name!r}; optional columns are "
-                                    f"{', '.join(OPTIONAL_COLUMNS)} (rename or remove it)"))
+                                f"header must include {','.join(REQUIRED_COLUMNS)}{hint}"))
+    for name in dict.fromkeys(unknown):
+        guess = _typo_of(name)
+        if guess:
+            problems.append(Problem(None, name, f"unknown column {name!r} kept as an extra column; did you mean "
+                                    f"{guess}?", severity=WARNING))
+        elif name.startswith(UNNAMED_COLUMN):
+            problems.append(Problem(None, name, f"a column without a name is kept as the extra column {name!r}; "
+                                    "give it a name in the header", severity=WARNING))
     seen = set()
     for name in columns:
         if name in seen:
-            problems.append(Problem(None, name, f"column {name!r} appears twice"))
+            problems.append(Problem(None, name, f"column {name!r} appears twice; only its first column is read"))
         seen.add(name)
     return problems
 
 
+def _typo_of(name: str) -> str:
+    """Return the known column ``name`` is probably a misspelling of, or ""."""
+    close = difflib.get_close_matches(name.strip().lower(), COLUMNS, n=1, cutoff=TYPO_CUTOFF)
+    return close[0] if close else ""
+
+
 def _id_problems(rows: list[dict[str, str]]) -> dict[int, list[Problem]]:
-    by_id: dict[str, list[int]] = {}
+    """Return ``{row: [problems]}`` for unsafe ids and ids used twice, case ignored (as some file systems do)."""
+    by_key: dict[str, list[tuple[int, str]]] = {}
     problems: dict[int, list[Problem]] = {}
     for index, row in enumerate(rows):
         number, item_id = FIRST_DATA_ROW + index, row["id"]
-        by_id.setdefault(item_id, []).append(number)
+        by_key.setdefault(item_id.casefold(), []).append((number, item_id))
         try:
             storage.check_item_id(item_id)
         except InputError as exc:
             message = "the id is empty" if not item_id else str(exc)
             problems.setdefault(number, []).append(Problem(number, "id", message, item_id))
-    for item_id, numbers in by_id.items():
-        if item_id and len(numbers) > 1:
-            for number in numbers:
-                others = ", ".join(str(n) for n in numbers if n != number)
-                problems.setdefault(number, []).append(
-                    Problem(number, "id", f"duplicate id {item_id!r} (also on row {others}); ids must be unique",
-                            item_id))
+    for key, uses in by_key.items():
+        if not key or len(uses) == 1:
+            continue
+        for number, item_id in uses:
+            others = ", ".join(f"{n}" if other == item_id else f"{n} as {other!r}" for n, other in uses if n != number)
+            case_only = any(other != item_id for _, other in uses)
+            rule = ("ids must be unique regardless of case (some file systems ignore case)" if case_only
+                    else "ids must be unique")
+            problems.setdefault(number, []).append(
+                Problem(number, "id", f"duplicate id {item_id!r} (also on row {others}); {rule}", item_id))
     return problems
 
 
-def _check_row(number: int, row: dict[str, str], base: str, run: RunSettings, checker: _FileChecker,
-               id_problems: dict[int, list[Problem]]) -> tuple[Item | None, list[Problem]]:
+@dataclass(frozen=True)
+class _RowContext:
+    base: str
+    run: RunSettings
+    inputs: _Inputs
+    id_problems: dict[int, list[Problem]]
+    strict: bool
+    extra_columns: list[str]
+
+
+def _check_row(number: int, row: dict[str, str], context: _RowContext) -> tuple[Item | None, list[Problem]]:
+    """Return the row's ``Item`` (None when it has an error) and its findings (errors and warnings)."""
     item_id = row["id"]
-    problems = list(id_problems.get(number, []))
+    findings = list(context.id_problems.get(number, []))
     overrides = {c: row[c] for c in OPTIONAL_COLUMNS if row.get(c, "")}  # empty cells keep the run's value
 
-    def add(column: str, message: str) -> None:
-        problems.append(Problem(number, column, message, item_id))
+    def add(column: str, message: str, severity: str = "error") -> None:
+        findings.append(Problem(number, column, message, item_id, severity))
 
-    for column, value in overrides.items():
-        reason = check_override(column, value)
-        if reason:
-            add(column, reason)
-    config = None
-    if not any(p.column in overrides for p in problems):
-        try:
-            config = resolve_config(run, overrides)
-        except (ValueError, TypeError) as exc:
-            add(next(iter(overrides), "preset"), str(exc))
+    config, variants = _row_config(overrides, context.run, add)
+    masks = config.masks if config else DEFAULT_MASKS
     files: dict[str, FileRef] = {}
-    shapes: dict[str, tuple[int, int]] = {}
+    facts: dict[str, _Facts] = {}
     for column in FILE_COLUMNS:
         if not row[column]:
             add(column, f"the {column} cell is empty; give a path relative to the manifest, absolute, or s3://")
             continue
-        uri = storage.resolve(base, row[column])
-        threshold = config.masks.binarize_threshold if config else DEFAULT_THRESHOLD
-        checked = checker.check(uri, column, threshold, config.sizing.size if config else None)
-        if checked.error:
-            add(column, checked.error)
+        uri = storage.resolve(context.base, row[column])
+        found = context.inputs.facts(uri)
+        if found.error:
+            add(column, found.error)
             continue
-        files[column], shapes[column] = FileRef(uri, checked.sha256), checked.shape
-    problems.extend(_shape_problems(number, item_id, shapes))
-    if problems:
-        return None, problems
-    return Item(id=item_id, row=number, files=files, config=config, overrides=overrides), []
+        files[column], facts[column] = FileRef(uri, found.sha256), found
+    shape_problems = _shape_problems(number, item_id, {c: f.shape for c, f in facts.items()})
+    findings.extend(shape_problems)
+    if "mask" in facts:
+        grey = grey_mask_warning(facts["mask"].grey_fraction, masks.binarize_threshold)
+        if grey:
+            add("mask", grey, WARNING)
+        _add_analysis(files, facts, not shape_problems, config, context.inputs, add)
+    if context.strict:
+        findings = [f.as_error() for f in findings]
+    if any(not f.is_warning for f in findings):
+        return None, findings
+    warnings = tuple(f"{f.column}: {f.message}" for f in findings)
+    extra = {c: row.get(c, "") for c in context.extra_columns}
+    return Item(id=item_id, row=number, files=files, config=config, overrides=overrides, extra=extra,
+                warnings=warnings, tau_variants=variants), findings
+
+
+def _row_config(overrides: dict[str, str], run: RunSettings, add) -> tuple[HarmonizeConfig | None, tuple]:
+    """Return the row's config and tau variants, or (None, ()) after reporting a bad cell through ``add``."""
+    bad = False
+    for column, value in overrides.items():
+        reason = check_override(column, value)
+        if reason:
+            add(column, reason)
+            bad = True
+    if bad:
+        return None, ()
+    try:
+        return resolve_config(run, overrides), resolve_tau_variants(run, overrides)
+    except (ValueError, TypeError) as exc:
+        add(TAU_COLUMN if "tau" in str(exc) else next(iter(overrides), "preset"), str(exc))
+        return None, ()
+
+
+def _add_analysis(files: dict[str, FileRef], facts: dict[str, _Facts], same_size: bool,
+                  config: HarmonizeConfig | None, inputs: _Inputs, add) -> None:
+    """Report the mask's emptiness (errors) and the composite/painting consistency (warnings) through ``add``."""
+    masks = config.masks if config else DEFAULT_MASKS
+    size = config.sizing.size if config else None
+    consistent = same_size and all(c in files for c in FILE_COLUMNS)
+    try:
+        analysis = inputs.analysis(files, masks, size, consistent)
+    except InputError as exc:
+        add("mask", str(exc))
+        return
+    except storage.TransientStorageError as exc:
+        add("mask", f"{exc} (storage unavailable; try again)")
+        return
+    if analysis["mask_error"]:
+        add("mask", analysis["mask_error"])
+    if analysis["consistency"] is not None:
+        for column, message in consistency_warnings(Consistency(**analysis["consistency"])):
+            add(column, message, WARNING)
 
 
 def _shape_problems(number: int, item_id: str, shapes: dict[str, tuple[int, int]]) -> list[Problem]:
@@ -215,47 +360,134 @@ def _shape_problems(number: int, item_id: str, shapes: dict[str, tuple[int, int]
             for column, (h, w) in shapes.items() if (h, w) != (height, width)]
 
 
+class _InputChanged(InputError):
+    """An input's bytes differ from the digest taken earlier in the same validation (the file was replaced)."""
+
+
 @dataclass(frozen=True)
-class _Checked:
+class _Facts:
+    """What validation keeps about one input file: digest, (H, W), grey share (as a mask), or why it is unusable."""
+
     sha256: str = ""
     shape: tuple[int, int] = (0, 0)
+    grey_fraction: float = 0.0
     error: str = ""
 
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
 
-class _FileChecker:
-    """Reads and decodes each distinct file once per kind: paintings are often shared by many rows."""
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> _Facts:
+        return cls(sha256=record["sha256"], shape=tuple(record["shape"]), grey_fraction=float(record["grey_fraction"]),
+                   error=record["error"])
 
-    def __init__(self) -> None:
+
+class _Inputs:
+    """Reads, digests and checks each distinct input once per run (paintings are often shared by many rows).
+
+    Consults the ``InputIndex`` first: a file whose stat is unchanged and a row whose digests and settings are
+    unchanged are not read. Recently read bytes are kept (up to ``BYTES_CACHE_LIMIT``) for the row checks.
+    """
+
+    def __init__(self, index: InputIndex) -> None:
+        self.index = index
         self._lock = threading.Lock()
-        self._done: dict[tuple, _Checked] = {}
+        self._key_locks: dict[tuple, threading.Lock] = {}
+        self._facts: dict[str, _Facts] = {}
+        self._analyses: dict[str, dict[str, Any]] = {}
+        self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._recent_bytes = 0
 
-    def check(self, uri: str, column: str, threshold: float, size: int | None) -> _Checked:
-        """Return the file's digest and (H, W), or the reason it cannot be used as ``column``."""
-        key = (uri, column == "mask", threshold, size) if column == "mask" else (uri, False)
-        with self._lock:
-            if key in self._done:
-                return self._done[key]
-        result = self._decode(uri, column, threshold, size)
-        with self._lock:
-            self._done[key] = result
-        return result
+    def facts(self, uri: str) -> _Facts:
+        """Return the file's digest, (H, W) and grey share, or the reason it cannot be used."""
+        with self._key_lock(("file", uri)):
+            if uri not in self._facts:
+                self._facts[uri] = self._find_facts(uri)
+            return self._facts[uri]
 
-    @staticmethod
-    def _decode(uri: str, column: str, threshold: float, size: int | None) -> _Checked:
+    def analysis(self, files: dict[str, FileRef], masks: MaskConfig, size: int | None,
+                 consistent: bool) -> dict[str, Any]:
+        """Return ``{"mask_error": str, "consistency": dict | None}`` of one row's files (``mask`` is required).
+
+        ``consistency`` is measured only when ``consistent`` (all three files usable and the same size).
+        """
+        settings = {"version": ANALYSIS_VERSION, "mask_uri": files["mask"].uri, "size": size, "masks": asdict(masks),
+                    "digests": {c: f.sha256 for c, f in files.items()} if consistent else files["mask"].sha256,
+                    "tolerance": CHANGE_TOLERANCE_LEVELS, "analysis_size": ANALYSIS_SIZE}
+        key = analysis_key(settings)
+        with self._key_lock(("analysis", key)):
+            if key not in self._analyses:
+                found = self.index.analysis(key)
+                if found is None:
+                    found = {"mask_error": "", "consistency": None, **self._analyse(files, masks, size, consistent)}
+                    self.index.put_analysis(key, found)
+                self._analyses[key] = found
+            return self._analyses[key]
+
+    def _find_facts(self, uri: str) -> _Facts:
+        current = self.index.stat(uri)  # taken before reading: a change while reading shows up next time
+        record = self.index.file_record(uri, current)
+        if record is not None:
+            return _Facts.from_record(record)
         try:
             data = storage.read_bytes(uri)
-            if column == "mask":
-                tensor = decode_mask(data, uri, threshold)
-                reason = _empty_at_size(tensor, uri, size) if size else ""
-                if reason:
-                    return _Checked(error=reason)
-            else:
-                tensor = decode_image(data, uri)
+            image = decode_image(data, uri)
         except InputError as exc:
-            return _Checked(error=str(exc))
+            if current is not None:  # unreadable content: keep the verdict until the file changes
+                self.index.put_file_record(uri, current, _Facts(error=str(exc)).to_record())
+            return _Facts(error=str(exc))
         except storage.TransientStorageError as exc:
-            return _Checked(error=f"{exc} (storage unavailable; try again)")
-        return _Checked(sha256=storage.sha256_bytes(data), shape=tuple(tensor.shape[-2:]))
+            return _Facts(error=f"{exc} (storage unavailable; try again)")
+        found = _Facts(sha256=storage.sha256_bytes(data), shape=tuple(image.shape[-2:]),
+                       grey_fraction=grey_fraction(image.mean(dim=1, keepdim=True)))
+        self._remember(uri, found.sha256, data)
+        self.index.put_file_record(uri, current, found.to_record())
+        return found
+
+    def _analyse(self, files: dict[str, FileRef], masks: MaskConfig, size: int | None,
+                 consistent: bool) -> dict[str, Any]:
+        mask = files["mask"]
+        try:
+            tight = decode_mask(self._bytes(mask), mask.uri, masks.binarize_threshold)
+        except _InputChanged:
+            raise
+        except InputError as exc:
+            return {"mask_error": str(exc)}
+        reason = _empty_at_size(tight, mask.uri, size) if size else ""
+        if reason or not consistent:
+            return {"mask_error": reason}
+        content = decode_image(self._bytes(files["content"]), files["content"].uri)
+        style = decode_image(self._bytes(files["style"]), files["style"].uri)
+        return {"consistency": measure_consistency(content, style, tight, masks).to_dict()}
+
+    def _bytes(self, ref: FileRef) -> bytes:
+        """Return the bytes of ``ref`` (kept from the digest read when possible); ``InputError`` if they changed."""
+        with self._lock:
+            kept = self._recent.get(ref.uri)
+            if kept is not None and kept[0] == ref.sha256:
+                self._recent.move_to_end(ref.uri)
+                return kept[1]
+        data = storage.read_bytes(ref.uri)
+        if storage.sha256_bytes(data) != ref.sha256:
+            raise _InputChanged(f"{ref.uri}: changed while being validated; validate again")
+        self._remember(ref.uri, ref.sha256, data)
+        return data
+
+    def _remember(self, uri: str, digest: str, data: bytes) -> None:
+        if len(data) > BYTES_CACHE_LIMIT:
+            return
+        with self._lock:
+            previous = self._recent.pop(uri, None)
+            self._recent_bytes -= len(previous[1]) if previous else 0
+            self._recent[uri] = (digest, data)
+            self._recent_bytes += len(data)
+            while self._recent_bytes > BYTES_CACHE_LIMIT:
+                _, (_, dropped) = self._recent.popitem(last=False)
+                self._recent_bytes -= len(dropped)
+
+    def _key_lock(self, key: tuple) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
 
 
 def _empty_at_size(mask: torch.Tensor, uri: str, size: int) -> str:

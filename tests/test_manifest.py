@@ -60,7 +60,7 @@ def problem_manifest(tmp_path) -> Path:
 def test_every_problem_is_reported_at_once_with_row_and_column(problem_manifest):
     report = validate_manifest(str(problem_manifest), RunSettings(preset="quick"))
     found = {(p.row, p.column) for p in report.problems}
-    expected = {(None, "notes"), (3, "id"), (4, "id"), (5, "id"), (6, "content"), (7, "style"), (8, "mask"),
+    expected = {(3, "id"), (4, "id"), (5, "id"), (6, "content"), (7, "style"), (8, "mask"),
                 (9, "mask"), (10, "tau"), (10, "size"), (11, "pass1_iters"), (11, "preset"), (12, "mask"),
                 (13, "size"), (14, "mask")}
     assert found == expected
@@ -75,8 +75,10 @@ def test_every_problem_is_reported_at_once_with_row_and_column(problem_manifest)
     assert "unknown preset 'fast'" in messages[11, "preset"]
     assert ">= 32" in messages[13, "size"]
     assert "vanishes at the working size 32x24" in messages[14, "mask"]
-    assert "unknown column 'notes'" in messages[None, "notes"]
-    assert [item.id for item in report.items] == ["good"]
+    (good,) = report.items
+    assert good.id == "good" and good.extra == {"notes": "a note"} and good.to_record()["extra"] == {"notes": "a note"}
+    assert report.extra_columns == ["notes"] and report.extras[3] == {"notes": ""}  # kept, not a problem
+    assert not report.warnings and good.warnings == ()
     assert report.row_count == 13 and not report.fatal and not report.ok
     assert sorted(report.invalid_rows()) == list(range(3, 15))
 
@@ -95,9 +97,9 @@ def test_valid_rows_carry_digests_and_resolved_configs(problem_manifest):
 def test_table_lists_every_problem(problem_manifest):
     table = validate_manifest(str(problem_manifest)).table()
     lines = table.splitlines()
-    assert "15 problem(s); 12 of 13 rows invalid, 1 valid" in lines[0]
+    assert "14 problem(s); 12 of 13 rows invalid, 1 valid" in lines[0]
     assert lines[1].split() == ["row", "id", "column", "problem"]
-    assert len(lines) == 2 + 15
+    assert len(lines) == 2 + 14
     assert any(line.split()[:3] == ["8", "mismatch", "mask"] for line in lines)
 
 
@@ -108,7 +110,7 @@ def test_missing_columns_are_fatal_and_all_named(tmp_path):
     assert report.fatal and not report.items
     missing = [p for p in report.problems if "missing required column" in p.message]
     assert missing and missing[0].column == "style, mask"
-    assert any(p.column == "extra" for p in report.problems)
+    assert report.extra_columns == ["extra"] and len(report.problems) == 1  # an unknown column is kept, not a problem
 
 
 def test_unreadable_or_empty_manifest_raises_input_error(tmp_path):
@@ -138,11 +140,11 @@ def test_only_ids_limits_the_rows_checked_but_duplicates_count_every_row(problem
     report = validate_manifest(str(problem_manifest), only_ids=["good", "missing", "dup"])
     assert {p.row for p in report.problems if p.row is not None} == {4, 5, 6}
     assert [i.id for i in report.items] == ["good"]
-    report = validate_manifest(str(problem_manifest), only_ids=["good", "ghost"])
-    assert [(p.row, p.column, p.message) for p in report.problems if p.row is None] == [
-        (None, "id", "selected id(s) not in the manifest: ghost"),
-        (None, "notes", ("unknown column 'notes'; optional columns are tau, size, pass1_iters, pass2_iters, "
-                         "preset (rename or remove it)"))]
+    report = validate_manifest(str(problem_manifest), only_ids=["good", "ghost", "phantom"])
+    assert report.fatal and not report.items  # nothing runs: the selection no longer matches the manifest
+    assert [(p.row, p.column, p.message) for p in report.problems] == [
+        (None, "id", "selected id(s) not in the manifest: ghost, phantom; they may have been renamed or removed "
+                     "since they were selected")]
 
 
 def test_manifest_on_s3_resolves_paths_against_its_prefix(s3, tmp_path):

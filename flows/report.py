@@ -67,12 +67,16 @@ CONTRACT_COLUMNS = frozenset((
     *(f"{stage}_s" for stage in TIMED_STAGES), "total_s", "pass1_loss", "pass2_loss", "final_uri",
     *(f"{stage}_uri" for stage in TIMED_STAGES), "content_uri", "style_uri", "mask_uri", "outputs",
 ))
-# How the legend names each quality score (harmonize_core/quality.py computes them and says which way is better).
+# What each quality score says and which way is better (harmonize_core/quality.py's docstring, in a line each).
 QUALITY_LEGEND = {
-    "quality_style": "style = quality_style",
-    "quality_structure": "structure = quality_structure",
-    "quality_seam": "seam = quality_seam",
+    "quality_style": "style: distance of the object's texture to the painting around it, lower is better "
+                     "(about 1 = as close as the painting is to itself)",
+    "quality_structure": "structure: the object's edges kept, 0 to 1, higher is better",
+    "quality_seam": "seam: edge strength across the mask border, lower is better (about 1 = as strong as the "
+                    "painting's own edges)",
 }
+QUALITY_BEST = {"quality_style": min, "quality_structure": max, "quality_seam": min}  # among tau variants: bold
+NUMBER_DIGITS = 4  # significant digits of losses and scores on the cards
 
 # Curve plots: an inline SVG per pass, each term relative to its first value on a log scale.
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_LEGEND_WIDTH = 160, 86, 112
@@ -488,7 +492,8 @@ def _figure(page_folder: str, out: str, thumb: tuple[str | None, str], caption: 
     if uri is None:
         note = "image unreadable" if why == "unreadable" else "not produced"
         return f'<figure{cls}><div class="missing">{note}</div>{caption_html}</figure>'
-    image = f'<img src="{_href(page_folder, uri)}" alt="{html.escape(caption, quote=True)}" loading="lazy">'
+    alt = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", caption)).split())  # the caption as plain text
+    image = f'<img src="{_href(page_folder, uri)}" alt="{html.escape(alt, quote=True)}" loading="lazy">'
     if full and _inside(out, full):  # its thumbnail exists, so it does too
         image = f'<a href="{_href(page_folder, full)}" title="full size">{image}</a>'
     return f"<figure{cls}>{image}{caption_html}</figure>"
@@ -510,12 +515,13 @@ def render_card(card: Card, out: str, page_folder: str) -> str:
         pass1_uri = next((r.get("pass1_uri", "") for r in card.rows if r.get("pass1_uri")), "")
         figures.append(_figure(page_folder, out, _stage_thumb(out, item_id, pass1_uri, "pass1"), "pass 1", pass1_uri))
         plots.append(_plot_figure(_read_metrics(pass1_uri), "pass 1"))
-        several = len(card.rows) > 1
+        several, best = len(card.rows) > 1, _best_scores(card.rows)
         for row in card.rows:
             final, tau = row.get("final_uri", ""), row.get("tau", "")
             figures.append(_figure(page_folder, out, _stage_thumb(out, item_id, final, "final"),
-                                   _variant_caption(row, several), final, "variant" if several else ""))
-            plots.append(_plot_figure(_read_metrics(row.get("pass2_uri", "")), f"pass 2, \u03c4 {tau}" if several else "pass 2"))
+                                   _variant_caption(row, several, best), final, "variant" if several else ""))
+            title = f"pass 2, \u03c4 {_plain_number(tau)}" if several else "pass 2"
+            plots.append(_plot_figure(_read_metrics(row.get("pass2_uri", "")), title))
     cls = f"card s-{_css_word(card.status)}" + (" warned" if card.warned else "") + (" variants" if len(card.rows) > 1 else "")
     strip = f'<div class="strip">{"".join(figures)}</div>' if figures else ""
     plot_row = f'<div class="plots">{"".join(plots)}</div>' if plots else ""
@@ -543,17 +549,45 @@ def _plot_figure(metrics: dict[str, Any], title: str) -> str:
     return f"<figure class=\"plot\">{body}<figcaption>{html.escape(title)}</figcaption></figure>"
 
 
-def _variant_caption(row: dict[str, str], several: bool) -> str:
-    tau = html.escape(row.get("tau", "") or "?")
+def _best_scores(rows: list[dict[str, str]]) -> dict[str, float]:
+    """Return the best value of each quality column among several variants (none for a single one)."""
+    if len(rows) == 1:
+        return {}
+    best = {}
+    for column, pick in QUALITY_BEST.items():
+        values = [v for v in (_as_float(row.get(column), math.nan) for row in rows) if math.isfinite(v)]
+        if len(values) > 1:
+            best[column] = pick(values)
+    return best
+
+
+def _variant_caption(row: dict[str, str], several: bool, best: dict[str, float]) -> str:
+    """Return a final image's caption: its tau, its status when not completed, its quality scores (best in bold)."""
+    tau = _number(row.get("tau", "")) or "?"
     status = row.get("status", "")
     lines = [f"final, <b>&tau; = {tau}</b>" if several else f"final (&tau; = {tau})"]
     if several and status != COMPLETED:
         lines.append(f'<span class="bad">{html.escape(status)}</span>')
-    scores = [f'<span title="{html.escape(QUALITY_LEGEND.get(c, c), quote=True)}">{html.escape(_short(c))} '
-              f"{html.escape(row[c])}</span>" for c in QUALITY_COLUMNS if row.get(c)]
+    scores = []
+    for column in (c for c in QUALITY_COLUMNS if row.get(c)):
+        text = f"{html.escape(_short(column))} {_number(row[column])}"
+        if best.get(column) == _as_float(row[column], math.nan):
+            text = f"<b>{text}</b>"
+        scores.append(f'<span title="{html.escape(QUALITY_LEGEND.get(column, column), quote=True)}">{text}</span>')
     if scores:
-        lines.append('<span class="quality">' + " &middot; ".join(scores) + "</span>")
+        lines.append('<span class="quality">' + " ".join(scores) + "</span>")
     return "<br>".join(lines)
+
+
+def _plain_number(text: str) -> str:
+    """Return a numeric cell with ``NUMBER_DIGITS`` significant digits (other text as it is)."""
+    value = _as_float(text, math.nan)
+    return f"{value:.{NUMBER_DIGITS}g}" if math.isfinite(value) else (text or "")
+
+
+def _number(text: str) -> str:
+    """Return ``_plain_number(text)`` HTML-escaped."""
+    return html.escape(_plain_number(text))
 
 
 def _short(column: str) -> str:
@@ -569,7 +603,7 @@ def _card_header(card: Card) -> str:
     taus = [r.get("tau", "") for r in card.rows if r.get("tau", "")]
     facts = []
     if taus:
-        facts.append("&tau; " + " / ".join(html.escape(t) for t in taus))
+        facts.append("&tau; " + " / ".join(_number(t) for t in taus))
     seconds = sum(_as_float(r.get("total_s"), 0.0) for r in card.rows)
     if seconds:
         facts.append(_duration(seconds))
@@ -596,7 +630,7 @@ def _cell_list(rows: list[dict[str, str]], column: str) -> list[str]:
 def _card_messages(card: Card) -> str:
     parts = []
     for row in card.rows:
-        prefix = f"&tau; {html.escape(row.get('tau', ''))}: " if len(card.rows) > 1 and row.get("error") else ""
+        prefix = f"&tau; {_number(row.get('tau', ''))}: " if len(card.rows) > 1 and row.get("error") else ""
         if row.get("error"):
             parts.append(f'<p class="error">{prefix}{html.escape(row["error"])}</p>')
     warnings = dict.fromkeys(w.strip() for r in card.rows for w in r.get("warnings", "").split(";") if w.strip())
@@ -613,10 +647,10 @@ def _card_details(card: Card) -> str:
     first = card.rows[0]
     times = [f"{stage} {_seconds(first.get(f'{stage}_s', ''))}" for stage in SHARED_STAGES if first.get(f"{stage}_s")]
     for row in card.rows:
-        label = f" (&tau; {html.escape(row.get('tau', ''))})" if len(card.rows) > 1 else ""
+        label = f" (&tau; {_number(row.get('tau', ''))})" if len(card.rows) > 1 else ""
         times += [f"{stage}{label} {_seconds(row[f'{stage}_s'])}" for stage in ("pass2", "reconstruct")
                   if row.get(f"{stage}_s")]
-    losses = [f"{name.replace('_', ' ')} {html.escape(first[name])}" for name in ("pass1_loss", "pass2_loss")
+    losses = [f"{name.replace('_', ' ')} {_number(first[name])}" for name in ("pass1_loss", "pass2_loss")
               if first.get(name) and len(card.rows) == 1]
     extra = {k: v for row in card.rows for k, v in row.items() if k not in CONTRACT_COLUMNS and v.strip()}
     parts = []
@@ -685,7 +719,8 @@ border:1px dashed #ccc}.missing.plot{width:272px;height:86px}
 figcaption{font-size:12px;color:#444;margin-top:3px;line-height:1.3}figure.variant{width:208px;
 outline:2px solid #e3e0da;outline-offset:3px;border-radius:3px}figure.variant img,figure.variant .missing{width:208px;
 height:208px}code{background:#f0efec;padding:0 3px;border-radius:3px;font-size:12px}
-.bad{color:var(--failed);font-weight:600}.quality{color:var(--muted)}
+.bad{color:var(--failed);font-weight:600}.quality{color:var(--muted)}.quality span{display:inline-block;
+white-space:nowrap;margin-right:6px}.quality b{color:var(--ink)}
 figure.plot{width:auto}svg.curve{display:block;width:272px;height:auto;font-size:10px;font-family:inherit}
 svg .frame{fill:#fafafa;stroke:#ccc}svg .grid{stroke:#e6e6e6}svg .tick{fill:#999;font-size:8px}
 .times{margin:2px 0;color:var(--muted);font-size:12.5px}

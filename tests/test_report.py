@@ -237,7 +237,8 @@ def test_report_page_links_order_filters_variants(local_run):
     assert "&lt;b&gt;frame&lt;/b&gt; &amp; &quot;crop&quot;" in text and "<b>frame</b>" not in text  # cells escaped
     assert "CUDA out of memory &lt;retried 3 times&gt;" in text
     assert "cached: dilate, pass1 &middot; worker gpu-1" in text
-    assert "Quality: style = quality_style" in text  # the quality legend, since alpha has quality scores
+    assert "higher is better" in text and "lower is better" in text  # the quality legend: alpha has scores
+    assert "<b>style 0.1</b>" in text and "<b>style 0.2</b>" not in text  # the best variant's score in bold
     assert "summary.csv" in page.links
 
 
@@ -371,3 +372,16 @@ def test_long_curves_are_thinned_but_keep_their_last_point():
     assert len(points) <= report.PLOT_MAX_POINTS + 1
     assert points[-1] == f"{report.PLOT_WIDTH - report.PLOT_PAD},{report.PLOT_HEIGHT - report.PLOT_PAD}"
     assert ">total 0.999</text>" in svg and ">1000 evaluations</text>" in svg
+
+
+def test_outputs_outside_out_are_thumbnailed_inside_and_never_linked(tmp_path):
+    out, elsewhere = str(tmp_path / "out"), str(tmp_path / "elsewhere")
+    final = stage(elsewhere, "final", (1, 2, 3))
+    write_summary(out, RUN_ID, [{"id": "x", "row": "2", "status": "completed", "final_uri": final,
+                                 **item_inputs(elsewhere, "x")}])
+    uri = report.build_report(out, RUN_ID)
+    text, page = read_page(uri)
+    check_links(uri, page, out)
+    assert len(page.cards[0]["imgs"]) == 3 and "final.png" not in text  # painting, composite, final: thumbs only
+    assert any("/x/thumbs/final-" in u for u in storage.list_uris(out))
+    assert not any("thumbs" in u for u in storage.list_uris(elsewhere))

@@ -5,9 +5,10 @@ Under a storage prefix (a local folder or ``s3://`` prefix) it keeps two kinds o
 - ``files/<sha256 of the URI>.json``: ``{uri, stat, sha256, shape, grey_fraction, error}`` of one input file, where
   ``stat`` is what storage reports without reading the bytes (``storage.stat``: size + mtime locally, size + ETag +
   last-modified on S3). A record is reused only while the file's current stat equals the stored one.
-- ``analyses/<key>.json``: a row's content checks (mask emptiness, consistency measurements), keyed by a digest of
-  the three inputs' sha256 digests and every setting the checks depend on, so an unchanged row costs stats and
-  small JSON reads only.
+- ``analyses/<key>.json``: a row's content checks, keyed by a digest of the inputs' sha256 digests and every
+  setting the check depends on: the mask's emptiness (mask, threshold, working size) and the consistency
+  measurements (the three digests, the mask settings). An unchanged row costs stats and small JSON reads only; a
+  new working size re-reads the masks alone.
 
 The index is a cache: a missing, unreadable or foreign record is a miss, and a failure to write one is logged and
 otherwise ignored (validation never depends on it). Thread-safe: records are written atomically by storage and

@@ -44,6 +44,7 @@ from .checks import (
 from .index import InputIndex, analysis_key
 from .schema import (
     COLUMNS,
+    ERROR,
     FILE_COLUMNS,
     FIRST_DATA_ROW,
     OPTIONAL_COLUMNS,
@@ -279,7 +280,7 @@ def _check_row(number: int, row: dict[str, str], context: _RowContext) -> tuple[
     findings = list(context.id_problems.get(number, []))
     overrides = {c: row[c] for c in OPTIONAL_COLUMNS if row.get(c, "")}  # empty cells keep the run's value
 
-    def add(column: str, message: str, severity: str = "error") -> None:
+    def add(column: str, message: str, severity: str = ERROR) -> None:
         findings.append(Problem(number, column, message, item_id, severity))
 
     config, variants = _row_config(overrides, context.run, add)
@@ -302,7 +303,7 @@ def _check_row(number: int, row: dict[str, str], context: _RowContext) -> tuple[
         grey = grey_mask_warning(facts["mask"].grey_fraction, masks.binarize_threshold)
         if grey:
             add("mask", grey, WARNING)
-        _add_analysis(files, facts, not shape_problems, config, context.inputs, add)
+        _add_analysis(files, not shape_problems, config, context.inputs, add)
     if context.strict:
         findings = [f.as_error() for f in findings]
     if any(not f.is_warning for f in findings):
@@ -330,25 +331,27 @@ def _row_config(overrides: dict[str, str], run: RunSettings, add) -> tuple[Harmo
         return None, ()
 
 
-def _add_analysis(files: dict[str, FileRef], facts: dict[str, _Facts], same_size: bool,
-                  config: HarmonizeConfig | None, inputs: _Inputs, add) -> None:
+def _add_analysis(files: dict[str, FileRef], same_size: bool, config: HarmonizeConfig | None, inputs: _Inputs,
+                  add) -> None:
     """Report the mask's emptiness (errors) and the composite/painting consistency (warnings) through ``add``."""
     masks = config.masks if config else DEFAULT_MASKS
     size = config.sizing.size if config else None
-    consistent = same_size and all(c in files for c in FILE_COLUMNS)
     try:
-        analysis = inputs.analysis(files, masks, size, consistent)
+        mask_error = inputs.mask_error(files["mask"], masks.binarize_threshold, size)
+        if mask_error:
+            add("mask", mask_error)
+            return
+        if not (same_size and all(c in files for c in FILE_COLUMNS)):
+            return
+        measured = inputs.consistency(files, masks)
     except InputError as exc:
         add("mask", str(exc))
         return
     except storage.TransientStorageError as exc:
         add("mask", f"{exc} (storage unavailable; try again)")
         return
-    if analysis["mask_error"]:
-        add("mask", analysis["mask_error"])
-    if analysis["consistency"] is not None:
-        for column, message in consistency_warnings(Consistency(**analysis["consistency"])):
-            add(column, message, WARNING)
+    for column, message in consistency_warnings(measured):
+        add(column, message, WARNING)
 
 
 def _shape_problems(number: int, item_id: str, shapes: dict[str, tuple[int, int]]) -> list[Problem]:
@@ -405,21 +408,34 @@ class _Inputs:
                 self._facts[uri] = self._find_facts(uri)
             return self._facts[uri]
 
-    def analysis(self, files: dict[str, FileRef], masks: MaskConfig, size: int | None,
-                 consistent: bool) -> dict[str, Any]:
-        """Return ``{"mask_error": str, "consistency": dict | None}`` of one row's files (``mask`` is required).
+    def mask_error(self, mask: FileRef, threshold: float, size: int | None) -> str:
+        """Return why the mask is unusable (empty at ``threshold``, or vanishing at working ``size``), or ""."""
+        settings = {"version": ANALYSIS_VERSION, "check": "mask", "uri": mask.uri, "sha256": mask.sha256,
+                    "threshold": threshold, "size": size}
+        return self._cached(settings, lambda: {"mask_error": self._mask_error(mask, threshold, size)})["mask_error"]
 
-        ``consistency`` is measured only when ``consistent`` (all three files usable and the same size).
-        """
-        settings = {"version": ANALYSIS_VERSION, "mask_uri": files["mask"].uri, "size": size, "masks": asdict(masks),
-                    "digests": {c: f.sha256 for c, f in files.items()} if consistent else files["mask"].sha256,
-                    "tolerance": CHANGE_TOLERANCE_LEVELS, "analysis_size": ANALYSIS_SIZE}
+    def consistency(self, files: dict[str, FileRef], masks: MaskConfig) -> Consistency:
+        """Return the composite/painting ``Consistency`` of a row whose three files are usable and the same size."""
+        settings = {"version": ANALYSIS_VERSION, "check": "consistency", "masks": asdict(masks),
+                    "digests": {c: f.sha256 for c, f in files.items()}, "tolerance": CHANGE_TOLERANCE_LEVELS,
+                    "analysis_size": ANALYSIS_SIZE}
+
+        def measure() -> dict[str, Any]:
+            tight = decode_mask(self._bytes(files["mask"]), files["mask"].uri, masks.binarize_threshold)
+            content = decode_image(self._bytes(files["content"]), files["content"].uri)
+            style = decode_image(self._bytes(files["style"]), files["style"].uri)
+            return {"consistency": measure_consistency(content, style, tight, masks).to_dict()}
+
+        return Consistency(**self._cached(settings, measure)["consistency"])
+
+    def _cached(self, settings: dict[str, Any], compute) -> dict[str, Any]:
+        """Return the record of ``settings`` from this run, else the index, else ``compute()`` (then stored)."""
         key = analysis_key(settings)
         with self._key_lock(("analysis", key)):
             if key not in self._analyses:
                 found = self.index.analysis(key)
                 if found is None:
-                    found = {"mask_error": "", "consistency": None, **self._analyse(files, masks, size, consistent)}
+                    found = compute()
                     self.index.put_analysis(key, found)
                 self._analyses[key] = found
             return self._analyses[key]
@@ -444,21 +460,14 @@ class _Inputs:
         self.index.put_file_record(uri, current, found.to_record())
         return found
 
-    def _analyse(self, files: dict[str, FileRef], masks: MaskConfig, size: int | None,
-                 consistent: bool) -> dict[str, Any]:
-        mask = files["mask"]
+    def _mask_error(self, mask: FileRef, threshold: float, size: int | None) -> str:
         try:
-            tight = decode_mask(self._bytes(mask), mask.uri, masks.binarize_threshold)
+            tight = decode_mask(self._bytes(mask), mask.uri, threshold)
         except _InputChanged:
             raise
         except InputError as exc:
-            return {"mask_error": str(exc)}
-        reason = _empty_at_size(tight, mask.uri, size) if size else ""
-        if reason or not consistent:
-            return {"mask_error": reason}
-        content = decode_image(self._bytes(files["content"]), files["content"].uri)
-        style = decode_image(self._bytes(files["style"]), files["style"].uri)
-        return {"consistency": measure_consistency(content, style, tight, masks).to_dict()}
+            return str(exc)
+        return _empty_at_size(tight, mask.uri, size) if size else ""
 
     def _bytes(self, ref: FileRef) -> bytes:
         """Return the bytes of ``ref`` (kept from the digest read when possible); ``InputError`` if they changed."""

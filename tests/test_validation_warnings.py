@@ -180,10 +180,10 @@ def _count_image_reads(monkeypatch) -> list[str]:
 
 
 def test_the_index_spares_unchanged_inputs_a_second_read(tmp_path, monkeypatch):
-    manifest = str(make_dataset(tmp_path / "data", ids=("a", "b")))
+    manifest = str(make_dataset(tmp_path / "data", ids=("a", "b"), overrides={}))  # the size comes from the run
     index = str(tmp_path / "index")
     first = validate_manifest(manifest, index=index)
-    assert first.ok and len(storage.list_uris(index)) == 6 + 2  # six files, two row analyses
+    assert first.ok and len(storage.list_uris(index)) == 6 + 2 * 2  # six files, two rows x (mask check, consistency)
     reads = _count_image_reads(monkeypatch)
     second = validate_manifest(manifest, index=index)
     assert reads == [] and [i.to_record() for i in second.items] == [i.to_record() for i in first.items]
@@ -200,7 +200,11 @@ def test_the_index_spares_unchanged_inputs_a_second_read(tmp_path, monkeypatch):
     folder = tmp_path / "data" / "b"
     assert sorted(reads) == sorted(str(folder / n) for n in ("composite.png", "mask.png", "painting.jpg"))
     assert changed.items[1].files["mask"].sha256 == storage.sha256_bytes(mask.read_bytes())
-    assert validate_manifest(manifest).ok and len(reads) == 3 + 6  # no index: every file is read
+    reads.clear()
+    assert validate_manifest(manifest, RunSettings(overrides={"size": 40}), index=index).ok
+    assert sorted(reads) == [str(tmp_path / "data" / i / "mask.png") for i in "ab"]  # the size check needs the masks
+    reads.clear()
+    assert validate_manifest(manifest).ok and len(reads) == 6  # no index: every file is read, once
 
 
 def test_the_index_works_on_s3(s3, tmp_path, monkeypatch):

@@ -59,9 +59,7 @@ def add_one_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _print_progress(event) -> None:
-    losses = " ".join(f"{k}={v:.4g}" for k, v in event.losses.items() if k == "total")
-    print(f"  {event.stage} {event.step:>5}/{event.total} {losses} ({event.elapsed:.1f} s)", file=sys.stderr,
-          flush=True)
+    print(f"  {event.summary()}", file=sys.stderr, flush=True)
 
 
 def peak_memory() -> dict[str, float]:

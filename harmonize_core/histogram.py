@@ -82,6 +82,19 @@ def _check_remap(feat: torch.Tensor, query: torch.Tensor, target: HistogramTarge
         raise ValueError(f"target has {tuple(target.cum.shape)} bins, expected ({feat.shape[0]}, {target.bins})")
 
 
+def bin_of_rank(cum: torch.Tensor, count: int, bins: int) -> torch.Tensor:
+    """Return the ``(C, count)`` int64 bin of each rank k = 0..count-1 under each channel's cumulative histogram
+    ``cum`` ``(C, bins)``: the first b with cum[b] > k, at most bins - 1 (``searchsorted(cum, k, right=True)``).
+
+    Linear time: for an integer k, cum[b] <= k exactly when ceil(cum[b]) <= k, so the bin of k is the number of
+    thresholds ceil(cum[b]) at or below k: a count per threshold (scatter_add) and a cumulative sum over ranks.
+    """
+    thresholds = cum.ceil().clamp_(0, count).long()
+    hits = torch.zeros(cum.shape[0], count + 1, dtype=torch.int64, device=cum.device)
+    hits.scatter_add_(1, thresholds, torch.ones_like(thresholds))
+    return hits.cumsum_(1)[:, :count].clamp_(max=bins - 1)
+
+
 def _remapped_values(bin_index: torch.Tensor, rank: torch.Tensor, target: HistogramTarget) -> torch.Tensor:
     """``(C, n)`` value for each sorted rank k in bin b: ``vmin + (b + ratio) * (vmax - vmin) / bins`` with
     ``ratio = clamp((k - (cum[b] - hist[b])) / (hist[b] + 1e-8), 0, 1)`` (hist_remap2_kernel L268-273)."""
@@ -90,6 +103,20 @@ def _remapped_values(bin_index: torch.Tensor, rank: torch.Tensor, target: Histog
     ratio = ((rank - start) / (count + HIST_EPS)).clamp_(0, 1)
     step = (target.vmax - target.vmin) / target.bins
     return target.vmin[:, None] + (bin_index.to(ratio.dtype) + ratio) * step[:, None]
+
+
+def remap_sorted(values: torch.Tensor, target: HistogramTarget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (sorted values, sort permutation, remapped values in sorted order), each ``(C, n)``, for the masked
+    values ``(C, n)`` of one feature map (in ``target.cum``'s dtype).
+
+    Per channel the values are sorted (stable: ties keep raster order); rank k goes to the bin b with
+    cum[b-1] <= k < cum[b] (``bin_of_rank``) and to ``vmin + (b + ratio) * (vmax - vmin) / bins``
+    (cuda_utils.cu hist_remap2_kernel L233-291).
+    """
+    ordered, order = values.sort(dim=1, stable=True)
+    rank = torch.arange(values.shape[1], dtype=values.dtype, device=values.device)[None, :]
+    bin_index = bin_of_rank(target.cum, values.shape[1], target.bins)
+    return ordered, order, _remapped_values(bin_index, rank, target)
 
 
 def _scatter_back(feat: torch.Tensor, query: torch.Tensor, order: torch.Tensor, remapped: torch.Tensor) -> torch.Tensor:
@@ -104,9 +131,9 @@ def remap_histogram(feat: torch.Tensor, query: torch.Tensor, target: HistogramTa
     """Return R ``(C, H, W)`` (no gradient): inside the bool mask ``query`` (maskI) each value is replaced by the style
     value of the same rank under ``target``'s per-channel histogram; outside, R = ``feat``.
 
-    Per channel the masked values are sorted (stable); rank k goes to the bin b with cum[b-1] <= k < cum[b]
-    (``searchsorted(right=True)`` on that channel's own cumsum, the kernel's binary search with its +-0.5
-    sentinels) and to ``vmin + (b + ratio) * (vmax - vmin) / bins``. O(n log n), vectorised over channels
+    Per channel the masked values are sorted (stable); rank k goes to the bin b with cum[b-1] <= k < cum[b] (the
+    kernel's binary search with its +-0.5 sentinels, here a linear count: ``bin_of_rank``) and to
+    ``vmin + (b + ratio) * (vmax - vmin) / bins``. O(n log n) for the sort, vectorised over channels
     (cuda_utils.cu hist_remap2_kernel L233-291; neural_paint.lua HistLoss:updateGradInput L642-650).
 
     >>> target = histogram_target(torch.rand(4, 6, 5), torch.ones(6, 5, dtype=torch.bool), n_query=12)
@@ -114,11 +141,42 @@ def remap_histogram(feat: torch.Tensor, query: torch.Tensor, target: HistogramTa
     torch.Size([4, 3, 4])
     """
     _check_remap(feat, query, target)
+    _, order, remapped = remap_sorted(feat.detach()[:, query].to(target.cum.dtype), target)
+    return _scatter_back(feat, query, order, remapped)
+
+
+@torch.no_grad()
+def remap_histogram_searchsorted(feat: torch.Tensor, query: torch.Tensor, target: HistogramTarget) -> torch.Tensor:
+    """Return the same R as ``remap_histogram`` with each rank's bin found by binary search (``searchsorted``
+    on the channel's cumsum, as the kernel does; the form ``remap_histogram`` used before ``bin_of_rank``).
+    A test oracle."""
+    _check_remap(feat, query, target)
     values = feat.detach()[:, query].to(target.cum.dtype)
     _, order = values.sort(dim=1, stable=True)
     rank = torch.arange(values.shape[1], dtype=values.dtype, device=values.device).expand_as(values).contiguous()
     bin_index = torch.searchsorted(target.cum.contiguous(), rank, right=True).clamp_(max=target.bins - 1)
     return _scatter_back(feat, query, order, _remapped_values(bin_index, rank, target))
+
+
+@torch.no_grad()
+def histogram_loss_and_gradient(features: torch.Tensor, query: torch.Tensor,
+                                target: HistogramTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (loss, d loss / d features at the ``query`` positions as ``(n, C)`` rows in raster order)
+    of the histogram loss ``sum((F - R)^2) / numel`` with R = ``remap_histogram(F)`` held constant
+    (neural_paint.lua HistLoss, L605-664). ``features`` is ``(1, C, H, W)`` in any memory layout.
+
+    Outside ``query`` R = F, so the gradient ``2 (F - R) / numel`` is zero there and only the n masked rows are
+    formed: no full-size copy of F and no full-size gradient.
+    """
+    if features.dim() != 4 or features.shape[0] != 1:
+        raise ValueError(f"expected features (1, C, H, W), got {tuple(features.shape)}")
+    rows = features[0].permute(1, 2, 0)[query]  # (n, C): one row of channels per masked position
+    _check_remap(features[0], query, target)
+    ordered, order, remapped = remap_sorted(rows.t().to(target.cum.dtype).contiguous(), target)
+    diff_sorted = (ordered - remapped).to(features.dtype)
+    loss = torch.linalg.vector_norm(diff_sorted) ** 2 / features.numel()
+    diff = torch.empty_like(diff_sorted).scatter_(1, order, diff_sorted)
+    return loss, diff.t().mul_(2.0 / features.numel())
 
 
 @torch.no_grad()

@@ -9,21 +9,37 @@ from __future__ import annotations
 import torch
 
 
+def channel_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Return ``features`` (1, C, H, W) as a (C, H*W) matrix: a view (no copy) for both contiguous and channels_last
+    tensors (the core's backbones produce channels_last features); a copy only for other layouts."""
+    channels = features.shape[1]
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        return features.permute(0, 2, 3, 1).reshape(-1, channels).t()
+    return features.reshape(channels, -1)
+
+
+def _from_channel_matrix(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return a (C, H*W) matrix as a (1, C, H, W) tensor shaped like ``like``, keeping the matrix's memory (a
+    (H*W, C)-contiguous matrix becomes a channels_last tensor)."""
+    _, channels, height, width = like.shape
+    if matrix.t().is_contiguous() and not matrix.is_contiguous():
+        return matrix.t().view(1, height, width, channels).permute(0, 3, 1, 2)
+    return matrix.reshape(like.shape)
+
+
 def masked_gram(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Return the masked Gram matrix (C, C): ``(F*m)(F*m)^T / (C * sum(m))``.
 
     neural_gram.lua L128-137 / L383-394: the mask is expanded to C x H x W, so its sum is C times the spatial sum.
     ``features`` (1, C, H, W), ``mask`` (1, 1, H, W) soft weights.
     """
-    channels = features.shape[1]
-    flat = (features * mask).reshape(channels, -1)
-    return flat @ flat.t() / (channels * mask.sum().clamp_min(1e-8))
+    return gram_of_masked(features * mask, mask)
 
 
 def gram_of_masked(masked_features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Return the Gram of features that are already masked, normalised by ``C * sum(mask)`` (as ``masked_gram``)."""
     channels = masked_features.shape[1]
-    flat = masked_features.reshape(channels, -1)
+    flat = channel_matrix(masked_features)
     return flat @ flat.t() / (channels * mask.sum().clamp_min(1e-8))
 
 
@@ -32,9 +48,38 @@ def style_loss(gram: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.mean((gram - target) ** 2)
 
 
+def style_loss_and_gradient(masked_features: torch.Tensor, mask: torch.Tensor,
+                            target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (``style_loss(gram_of_masked(Fm, mask), target)``, its gradient with respect to ``Fm``) in closed form.
+
+    With G = Fm Fm^T / k and dG = 2 (G - T) / C^2, the gradient is (dG + dG^T) Fm / k: one matrix product where
+    autograd spends two (it differentiates both factors of the Gram separately). The gradient (1, C, H, W) has
+    ``masked_features``' memory layout.
+    """
+    channels = masked_features.shape[1]
+    flat = channel_matrix(masked_features)
+    k = channels * mask.sum().clamp_min(1e-8)
+    residual = flat @ flat.t() / k - target
+    loss = torch.mean(residual**2)
+    d_gram = residual * (2.0 / residual.numel())
+    symmetric = (d_gram + d_gram.t()) / k
+    if flat.t().is_contiguous() and not flat.is_contiguous():  # channels_last: (H*W, C) rows times a C x C matrix
+        grad = (flat.t() @ symmetric).t()
+    else:
+        grad = symmetric @ flat
+    return loss, _from_channel_matrix(grad, masked_features)
+
+
 def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Return ``mean((F - target)^2)`` over C x H x W (neural_gram.lua L327-352)."""
     return torch.mean((features - target) ** 2)
+
+
+def content_loss_and_gradient(features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (``content_loss(features, target)``, its gradient ``2 (F - target) / numel``) in closed form."""
+    diff = features - target
+    loss = torch.mean(diff**2)
+    return loss, diff.mul_(2.0 / diff.numel())
 
 
 def histogram_loss(features: torch.Tensor, remapped: torch.Tensor) -> torch.Tensor:

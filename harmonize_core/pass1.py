@@ -7,13 +7,22 @@ loss and a TV gradient, raw (unnormalised) gradients, L-BFGS lr 1.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
 import torch
 
 from .config import HarmonizeConfig, use_bf16
-from .losses import content_loss, gram_of_masked, masked_gram, style_loss, total_variation
+from .losses import (
+    content_loss,
+    content_loss_and_gradient,
+    gram_of_masked,
+    masked_gram,
+    style_loss,
+    style_loss_and_gradient,
+    total_variation,
+)
 from .masks import propagate_mask
 from .matching import gather_targets, patch_cosine_match
 from .objective import LbfgsSettings, Problem, Term, optimise
@@ -61,12 +70,14 @@ def build_terms(config: HarmonizeConfig, content_target: torch.Tensor, grams: di
                 masks: dict[str, torch.Tensor]) -> list[Term]:
     """Return pass 1's loss terms: content (unmasked value), masked Gram per style layer, TV on the image."""
     cfg = config.pass1
-    terms = [Term("content", cfg.content_layer, lambda f: content_loss(f, content_target), cfg.content_weight)]
+    terms = [Term("content", cfg.content_layer, lambda f: content_loss(f, content_target), cfg.content_weight,
+                  gradient=lambda f: content_loss_and_gradient(f, content_target))]
     for name, target in grams.items():
         mask = masks[name]
         terms.append(Term(f"style_{name}", name,
                           lambda fm, target=target, mask=mask: style_loss(gram_of_masked(fm, mask), target),
-                          cfg.style_weight, masked_input=True))
+                          cfg.style_weight, masked_input=True,
+                          gradient=lambda fm, target=target, mask=mask: style_loss_and_gradient(fm, mask, target)))
     terms.append(Term("tv", "image", total_variation, cfg.tv_weight))
     return terms
 
@@ -116,7 +127,7 @@ def run_pass1(
     settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, cfg.tolerance_grad,
                              cfg.tolerance_change, cfg.log_every, cfg.max_seconds)
     x, metrics = optimise(problem, x0, settings, stage="pass1", progress=progress,
-                          event=lambda step, total, losses, elapsed: Iterate("pass1", step, total, losses, elapsed))
+                          event=functools.partial(Iterate, "pass1"))
     image = backbone.preprocessing.deprocess(x).clamp(0, 1).cpu()
     metrics.update(seconds_setup=round(setup_seconds, 4), **setup)
     return image, metrics

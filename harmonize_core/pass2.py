@@ -8,6 +8,7 @@ by L-BFGS (lr 0.1, exactly ``iterations`` steps) from the naive composite, not f
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -15,22 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from .config import PAPER_SIZE, HarmonizeConfig, use_bf16
-from .histogram import histogram_target, remap_histogram
+from .histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
 from .images import resize, to_working_size
 from .losses import (
     content_loss,
+    content_loss_and_gradient,
     gram_of_masked,
     histogram_loss,
     masked_gram,
     noise_estimate,
     pass2_weights,
     style_loss,
+    style_loss_and_gradient,
     total_variation,
 )
 from .mapping import refine_mapping, upsample_used_mask, used_style_mask
 from .masks import nearest_resize
 from .matching import normalized_sum_match
-from .objective import LbfgsSettings, Problem, Term, optimise
+from .objective import LbfgsSettings, Problem, SparseGradient, Term, optimise
 from .pass1 import layer_masks, match_budget
 
 HIST_MASK_THRESHOLD = 0.1  # neural_paint.lua L258-261: maskI = loose mask at the layer > 0.1
@@ -72,14 +75,15 @@ def build_terms(
 ) -> list[Term]:
     """Return pass 2's terms: content (relu4_1), masked Gram per style layer, histogram per hist layer, TV."""
     cfg = config.pass2
-    content_mask = masks[cfg.content_layer]
-    terms = [Term("content", cfg.content_layer, lambda fm: content_loss(fm, content_target * content_mask),
-                  weights["content"], masked_input=True)]
+    masked_target = content_target * masks[cfg.content_layer]  # the content module compares F*m with target*m
+    terms = [Term("content", cfg.content_layer, lambda fm: content_loss(fm, masked_target), weights["content"],
+                  masked_input=True, gradient=lambda fm: content_loss_and_gradient(fm, masked_target))]
     for name in cfg.style_layers:
-        target = masked_gram(style_feats[name], used[name])
+        target, mask = masked_gram(style_feats[name], used[name]), masks[name]
         terms.append(Term(f"style_{name}", name,
-                          lambda fm, target=target, mask=masks[name]: style_loss(gram_of_masked(fm, mask), target),
-                          weights["style"], masked_input=True))
+                          lambda fm, target=target, mask=mask: style_loss(gram_of_masked(fm, mask), target),
+                          weights["style"], masked_input=True,
+                          gradient=lambda fm, target=target, mask=mask: style_loss_and_gradient(fm, mask, target)))
     for name in cfg.hist_layers:
         query = masks[name][0, 0] > HIST_MASK_THRESHOLD
         target = histogram_target(style_feats[name][0], used[name][0, 0] > 0, int(query.sum()), bins=cfg.hist_bins)
@@ -88,29 +92,27 @@ def build_terms(
             remapped = remap_histogram(f[0].detach(), query, target).unsqueeze(0)
             return histogram_loss(f, remapped)
 
+        def hist_gradient(f, query=query, target=target):
+            loss, rows = histogram_loss_and_gradient(f, query, target)
+            return loss, SparseGradient(query, rows)
+
         # HistLoss normalises I - R as is (zero outside maskI) and masks only after adding the upstream gradient.
-        terms.append(Term(f"hist_{name}", name, hist_fn, weights["hist"], premask=False))
+        terms.append(Term(f"hist_{name}", name, hist_fn, weights["hist"], premask=False, gradient=hist_gradient))
     terms.append(Term("tv", "image", total_variation, weights["tv"]))
     return terms
 
 
-def run_pass2(
+def pass2_problem(
     content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, tight: torch.Tensor, blended: torch.Tensor,
-    backbone, config: HarmonizeConfig, *, tau: float, mtv: float | None = None, progress: Callable | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Return (pass-2 image (1, 3, H, W) in [0, 1] on the CPU, unblended; metrics).
+    backbone, config: HarmonizeConfig, *, tau: float, mtv: float | None = None,
+) -> tuple[Problem, torch.Tensor, dict]:
+    """Return (the pass-2 objective, the preprocessed init x0 (1, 3, H, W), setup metrics).
 
-    ``content`` = naive composite (the init and the content target), ``style`` = painting, ``blended`` = the
-    blended pass-1 image (only used for the relu4_1 mapping), masks (1, 1, H, W); all at working size.
-    ``mtv`` is the painting's noise estimate at 700 px (neural_paint.lua measures it on the 700 px painting);
-    when omitted it is measured on ``style`` resized to 700 px.
+    The relu4_1 mapping, the used sets, the Gram and histogram targets and the weights are computed here once;
+    ``objective.evaluate(problem, x)`` scores any image. Arguments as ``run_pass2``.
     """
-    from .stages import Iterate
-
     cfg, device = config.pass2, backbone.device
-    torch.manual_seed(config.seed)
     pre = backbone.preprocessing
-    started = time.perf_counter()
     x0 = pre.preprocess(content.to(device))
     loose, tight = loose.to(device), tight.to(device)
     layers = sorted({cfg.content_layer, *cfg.style_layers, *cfg.hist_layers, cfg.reference_layer})
@@ -126,12 +128,32 @@ def run_pass2(
     terms = build_terms(config, weights, content_target, style_feats, used, masks)
     problem = Problem(backbone=backbone, terms=terms, layer_masks=masks, image_mask=loose.expand(-1, 3, -1, -1),
                       normalize=True, autocast=use_bf16(config, device.type))
+    return problem, x0, {"weights": weights, "mtv": mtv, **match_info}
+
+
+def run_pass2(
+    content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, tight: torch.Tensor, blended: torch.Tensor,
+    backbone, config: HarmonizeConfig, *, tau: float, mtv: float | None = None, progress: Callable | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Return (pass-2 image (1, 3, H, W) in [0, 1] on the CPU, unblended; metrics).
+
+    ``content`` = naive composite (the init and the content target), ``style`` = painting, ``blended`` = the
+    blended pass-1 image (only used for the relu4_1 mapping), masks (1, 1, H, W); all at working size.
+    ``mtv`` is the painting's noise estimate at 700 px (neural_paint.lua measures it on the 700 px painting);
+    when omitted it is measured on ``style`` resized to 700 px.
+    """
+    from .stages import Iterate
+
+    cfg = config.pass2
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    problem, x0, setup = pass2_problem(content, style, loose, tight, blended, backbone, config, tau=tau, mtv=mtv)
     setup_seconds = time.perf_counter() - started
     # tolX = tolFun = -1 (neural_paint.lua L305-312): exactly ``iterations`` steps.
     settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, -1.0, -1.0, cfg.log_every,
                              cfg.max_seconds)
     x, metrics = optimise(problem, x0, settings, stage="pass2", progress=progress,
-                          event=lambda step, total, losses, elapsed: Iterate("pass2", step, total, losses, elapsed))
-    image = pre.deprocess(x).clamp(0, 1).cpu()
-    metrics.update(weights=weights, mtv=mtv, seconds_setup=round(setup_seconds, 4), **match_info)
+                          event=functools.partial(Iterate, "pass2"))
+    image = backbone.preprocessing.deprocess(x).clamp(0, 1).cpu()
+    metrics.update(seconds_setup=round(setup_seconds, 4), **setup)
     return image, metrics

@@ -187,9 +187,7 @@ def progress_logger(item_id: str) -> Callable[[core.Iterate], None]:
     logger = get_run_logger()
 
     def report(event: core.Iterate) -> None:
-        total = event.losses.get("total", float("nan"))
-        logger.info("%s %s %d/%d loss %.4g (%.1f s)", item_id, event.stage, event.step, event.total, total,
-                    event.elapsed, extra=PROGRESS)
+        logger.info("%s %s", item_id, event.summary(), extra=PROGRESS)
 
     return report
 

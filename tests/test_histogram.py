@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from harmonize_core.histogram import HistogramTarget, histogram_target, remap_histogram, remap_histogram_naive
+from harmonize_core.histogram import (
+    HistogramTarget,
+    bin_of_rank,
+    histogram_loss_and_gradient,
+    histogram_target,
+    remap_histogram,
+    remap_histogram_naive,
+    remap_histogram_searchsorted,
+)
+from harmonize_core.losses import histogram_loss
 
 BINS = 256
 EDGE_GUARD = 1e-9  # in bins; float64 rounding of vmin + b * step is ~1e-13 bins
@@ -205,3 +214,48 @@ def test_boundary_checks():
     with pytest.raises(ValueError, match="bins"):
         remap_histogram(feat[:2], query, target)
     assert math.isclose(float(target.cum[0, -1]), float(query.sum()), rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- linear bin search
+@pytest.mark.parametrize("count", [1, 7, 300])
+def test_bin_of_rank_equals_searchsorted(count):
+    generator = torch.Generator().manual_seed(count)
+    hist = torch.rand(5, 16, generator=generator) * (torch.rand(5, 16, generator=generator) < 0.6)
+    hist[1] = 0  # an empty histogram
+    hist[2, 3] = 1e6  # one huge bin
+    cum = (hist / hist.sum(1, keepdim=True).clamp_min(1e-30) * count).cumsum(1)
+    cum[3] = torch.arange(1, 17).float() * count / 16  # integer-valued cumulative counts: ties at the edges
+    rank = torch.arange(count, dtype=torch.float32).expand(5, count).contiguous()
+    expected = torch.searchsorted(cum, rank, right=True).clamp_(max=15)
+    assert torch.equal(bin_of_rank(cum, count, 16), expected)
+
+
+def test_remap_equals_the_searchsorted_form_exactly():
+    generator = torch.Generator().manual_seed(11)
+    style = torch.randn(8, 20, 24, generator=generator).relu() * torch.rand(8, 1, 1, generator=generator) * 10
+    used = torch.rand(20, 24, generator=generator) < 0.4
+    feat = torch.randn(8, 30, 26, generator=generator).relu()  # about half zeros: many ties
+    query = torch.rand(30, 26, generator=generator) < 0.5
+    for bins in (BINS, 16):
+        target = histogram_target(style, used, n_query=int(query.sum()), bins=bins)
+        fast = remap_histogram(feat, query, target)
+        assert torch.equal(fast, remap_histogram_searchsorted(feat, query, target))
+        np.testing.assert_allclose(fast.numpy(), remap_histogram_naive(feat, query, target).numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_histogram_loss_and_gradient_equal_autograd_of_the_loss(layout):
+    generator = torch.Generator().manual_seed(12)
+    style = torch.randn(6, 20, 24, generator=generator).relu() * 5
+    used = torch.rand(20, 24, generator=generator) < 0.5
+    features = torch.randn(1, 6, 18, 22, generator=generator).relu().contiguous(memory_format=layout)
+    query = torch.rand(18, 22, generator=generator) < 0.4
+    target = histogram_target(style, used, n_query=int(query.sum()))
+    loss, rows = histogram_loss_and_gradient(features, query, target)
+    leaf = features.clone().requires_grad_(True)
+    remapped = remap_histogram(features[0], query, target).unsqueeze(0)
+    reference = histogram_loss(leaf, remapped)
+    (grad,) = torch.autograd.grad(reference, leaf)
+    assert torch.allclose(loss, reference.detach(), rtol=1e-5)
+    assert torch.equal(rows, grad[0].permute(1, 2, 0)[query])  # the same (n, C) rows, bit for bit
+    assert float(grad[0].permute(1, 2, 0)[~query].abs().max()) == 0.0  # and zero elsewhere

@@ -2,13 +2,19 @@
 
 import math
 
+import pytest
 import torch
 
 from harmonize_core.losses import (
+    channel_matrix,
+    content_loss,
+    content_loss_and_gradient,
     gram_of_masked,
     masked_gram,
     noise_estimate,
     pass2_weights,
+    style_loss,
+    style_loss_and_gradient,
     total_variation,
     tv_sigmoid,
 )
@@ -75,3 +81,52 @@ def test_pass2_weights_follow_the_sigmoid():
     assert weights == {"content": 1.0, "style": 5.0, "hist": 25.0, "tv": 25.0}
     smooth = pass2_weights(tau=1.0, mtv=1e-5)
     assert math.isclose(smooth["hist"] + smooth["tv"], 10.0)
+
+
+def _autograd(fn, inputs):
+    leaf = inputs.detach().requires_grad_(True)
+    loss = fn(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_channel_matrix_is_a_view_in_both_layouts(layout):
+    features = torch.rand(1, 5, 4, 3).contiguous(memory_format=layout)
+    matrix = channel_matrix(features)
+    assert matrix.shape == (5, 12) and matrix.data_ptr() == features.data_ptr()
+    assert torch.equal(matrix, features.reshape(5, 12))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_closed_form_style_gradient_equals_autograd(layout):
+    torch.manual_seed(2)
+    mask = torch.rand(1, 1, 9, 7, dtype=torch.float64)
+    masked = (torch.rand(1, 6, 9, 7, dtype=torch.float64) * mask).contiguous(memory_format=layout)
+    target = masked_gram(torch.rand(1, 6, 9, 7, dtype=torch.float64), mask)
+    loss, grad = style_loss_and_gradient(masked, mask, target)
+    ref_loss, ref_grad = _autograd(lambda fm: style_loss(gram_of_masked(fm, mask), target), masked)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12)
+    assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    assert grad.is_contiguous(memory_format=layout)  # the gradient keeps the features' layout
+
+
+def test_closed_form_style_gradient_in_float32_is_within_rounding_of_autograd():
+    torch.manual_seed(3)
+    mask = torch.rand(1, 1, 20, 16)
+    masked = (torch.rand(1, 32, 20, 16) * 50 * mask).contiguous(memory_format=torch.channels_last)
+    target = masked_gram(torch.rand(1, 32, 20, 16) * 50, mask)
+    _, grad = style_loss_and_gradient(masked, mask, target)
+    _, ref = _autograd(lambda fm: style_loss(gram_of_masked(fm, mask), target), masked)
+    assert float((grad - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_closed_form_content_gradient_equals_autograd():
+    torch.manual_seed(4)
+    features, target = torch.rand(1, 8, 5, 6, dtype=torch.float64), torch.rand(1, 8, 5, 6, dtype=torch.float64)
+    loss, grad = content_loss_and_gradient(features, target)
+    ref_loss, ref_grad = _autograd(lambda f: content_loss(f, target), features)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12) and torch.allclose(grad, ref_grad, rtol=1e-12, atol=0)

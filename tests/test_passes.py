@@ -4,6 +4,8 @@ Pass 2 L2-normalises each loss's gradient (neural_paint.lua), which turns the va
 weights into unit-norm noise: with random weights its L-BFGS wanders off, so these tests use real features.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from harmonize_core.images import quantize
 from harmonize_core.masks import feather_mask
 from harmonize_core.objective import evaluate
 from harmonize_core.pass1 import pass1_problem
+from harmonize_core.pass2 import pass2_problem
 from harmonize_core.stages import blend, dilate, harmonize, pass1, pass2, prepare_inputs
 from harmonize_core.vgg import load_backbone
 
@@ -53,10 +56,11 @@ def stages(backbone, config):
     content, style, mask = _item()
     inputs = prepare_inputs(content, style, mask, config)
     loose = dilate(inputs, config).image
-    first = pass1(inputs, loose, backbone, config)
+    events = []
+    first = pass1(inputs, loose, backbone, config, events.append)
     blended = blend(first.image, inputs, config)
-    second = pass2(inputs, loose, blended.image, backbone, config)
-    return inputs, loose, first, blended, second
+    second = pass2(inputs, loose, blended.image, backbone, config, events.append)
+    return inputs, loose, first, blended, second, events
 
 
 def test_pass1_lbfgs_decreases_the_loss(stages):
@@ -129,3 +133,42 @@ def test_pass2_weights_do_not_drift_with_the_working_size(backbone, config):
         result = pass2(inputs, loose, inputs.content, backbone, small)
         weights.append((result.metrics["mtv"], result.metrics["weights"]))
     assert weights[0] == weights[1]
+
+
+def test_progress_events_carry_relative_terms_and_the_image_change(stages, config):
+    inputs, loose, first, events = stages[0], stages[1], stages[2], stages[5]
+    for stage, output in (("pass1", first), ("pass2", stages[4])):
+        mine = [e for e in events if e.stage == stage]
+        assert len(mine) == len(output.metrics["curves"]["total"])  # log_every 1: one event per record
+        assert set(mine[0].relative) == set(mine[0].losses) and all(v == 1.0 for v in mine[0].relative.values())
+        assert mine[0].image_change == 0.0 and mine[0].image_change_max == 0.0
+        moved = [e.image_change for e in mine[1:]]
+        assert all(0.0 <= m <= e.image_change_max <= 255.0 for m, e in zip(moved, mine[1:], strict=True))
+        assert max(moved) > 0.0
+        assert [v for _, v in output.metrics["curves"]["image_change"]] == [e.image_change for e in mine]
+        line = mine[-1].summary()
+        assert line.startswith(f"{stage}  ") and "(x start)" in line and "image moved" in line and "style " in line
+    pass1_events = [e for e in events if e.stage == "pass1"]
+    assert pass1_events[-1].relative["total"] < 1.0
+    # The path the image took is at least as long as the straight line from the composite to the result.
+    region = (loose > 0).expand(-1, 3, -1, -1)
+    straight = float((first.image - inputs.content).abs()[region].mean()) * 255
+    assert sum(e.image_change for e in pass1_events) >= straight - 1.0  # 8-bit rounding of the stored image
+
+
+def test_closed_form_gradients_equal_autograd_of_the_real_terms(stages, backbone, config):
+    """The pass modules' closed-form gradients (Gram, content, sparse histogram) give the evaluation autograd of
+    each term's ``fn`` gives, on the real problems of both passes."""
+    inputs, loose, blended = stages[0], stages[1], stages[3]
+    first, x1, _ = pass1_problem(inputs.content, inputs.style, loose, backbone, config)
+    second, x2, _ = pass2_problem(inputs.content, inputs.style, loose, inputs.tight, blended.image, backbone, config,
+                                  tau=5.0)
+    for problem, x in ((first, x1), (second, x2)):
+        assert any(t.gradient is not None for t in problem.terms)
+        x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 5  # content terms off zero
+        total, values, grad = evaluate(problem, x)
+        plain = dataclasses.replace(problem, terms=[dataclasses.replace(t, gradient=None) for t in problem.terms])
+        total_ref, values_ref, grad_ref = evaluate(plain, x)
+        assert total == pytest.approx(total_ref, rel=1e-5)
+        assert values == pytest.approx(values_ref, rel=1e-4)
+        assert float((grad - grad_ref).norm() / grad_ref.norm()) < 1e-5

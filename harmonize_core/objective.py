@@ -94,8 +94,9 @@ def _masked_norm(grad: OwnGradient, mask: torch.Tensor | None) -> torch.Tensor:
     """Return ``||grad * mask||`` (``||grad||`` when ``mask`` is None) as a 0-d tensor without forming the product:
     the norms over channels at each position (one read of ``grad``) are weighted by a one-channel mask."""
     if isinstance(grad, SparseGradient):
-        norms = torch.linalg.vector_norm(grad.values, dim=1)
-        return torch.linalg.vector_norm(norms if mask is None else norms * mask[0, 0][grad.where])
+        if mask is None:
+            return torch.linalg.vector_norm(grad.values)
+        return torch.linalg.vector_norm(torch.linalg.vector_norm(grad.values, dim=1) * mask[0, 0][grad.where])
     if mask is None:
         return torch.linalg.vector_norm(grad)
     if mask.shape[1] != 1:  # a per-channel mask (the image's): form the product

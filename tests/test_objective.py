@@ -114,7 +114,7 @@ def test_pixels_outside_the_image_mask_get_zero_gradient():
     assert float(grad[problem.image_mask == 1].abs().max()) > 0.0
 
 
-def _closed_form_problem(normalize: bool):
+def _closed_form_problem(normalize: bool, hist_premask: bool = False):
     """A pass-2-like problem whose terms carry closed-form gradients (dense and sparse) beside their ``fn``: a
     histogram and a Gram module on the same tap, content and Gram on another."""
     torch.manual_seed(5)
@@ -143,15 +143,15 @@ def _closed_form_problem(normalize: bool):
     terms = [Term("content", "relu2_1", lambda fm: content_loss(fm, content), 1.0, masked_input=True,
                   gradient=lambda fm: content_loss_and_gradient(fm, content)),
              style("relu2_1", gram2, 5.0), style("relu1_1", gram1, 5.0),
-             Term("hist", "relu1_1", hist_fn, 20.0, premask=False, gradient=hist_gradient),
+             Term("hist", "relu1_1", hist_fn, 20.0, premask=hist_premask, gradient=hist_gradient),
              Term("tv", "image", total_variation, 30.0)]
     image_mask = (torch.rand(1, 1, 32, 28) > 0.3).float().expand(-1, 3, -1, -1)
     return Problem(backbone, terms, masks, image_mask, normalize=normalize), x
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_closed_form_and_sparse_gradients_equal_the_hook_reference(normalize):
-    problem, x = _closed_form_problem(normalize)
+@pytest.mark.parametrize(("normalize", "hist_premask"), [(False, False), (True, False), (True, True)])
+def test_closed_form_and_sparse_gradients_equal_the_hook_reference(normalize, hist_premask):
+    problem, x = _closed_form_problem(normalize, hist_premask)
     total, values, grad = evaluate(problem, x)
     reference = _hook_reference(problem, x)  # autograd of each term's fn
     assert torch.allclose(grad, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())

@@ -12,8 +12,11 @@ Sections (``--sections``, default ``ratios,stages,quick``; ``all`` adds ``fastpa
   give the same result and prints PASS/FAIL against the issue's bars.
 * ``quick``: one item end to end under the shipped ``quick`` preset (the issue's "CPU item in <= 3 min"), measured.
 * ``fastpaths``: channels_last, bf16 autocast quality, torch.compile, and L-BFGS history as a memory knob.
+* ``evalcost``: one evaluation of each pass against a plain VGG forward + backward to the pass's deepest tap, at
+  ``--evalcost-sizes`` (140, 700), for VGG16 offline weights and VGG19 random weights; PASS/FAIL against the 1.25x
+  bar of issue 10 (``bench.evalcost``).
 
-Outputs under ``--out``: ``stages.csv``, ``ratios.csv``, ``fastpaths.csv`` (long rows), ``machine.json`` and
+Outputs under ``--out``: ``stages.csv``, ``ratios.csv``, ``fastpaths.csv`` (long rows), ``evalcost.csv``, ``machine.json`` and
 ``report.md`` (the short tables). docs/performance.md quotes a run of this.
 """
 
@@ -66,6 +69,7 @@ from . import (
     timed,
     with_memory_format,
 )
+from .evalcost import EVAL_NETS, EVAL_SIZES, EvalCost, evalcost_table, run_evalcost
 
 REPO = Path(__file__).resolve().parents[1]
 CASES_DIR = REPO.parent / "shared" / "dph-cases"
@@ -84,7 +88,7 @@ BARS = {"match_full_vs_chunked": 5.0, "hist_naive_vs_sorted": 10.0}  # issue 5 "
 FAST_SIZE, QUALITY_SIZE, QUALITY_ITERATIONS = 512, 256, 10
 SMALL_HISTORY = 10  # the L-BFGS history compared with the default 100
 NEGLIGIBLE_TERM = 1e-9  # a loss term below this fraction of the total is 0 for the precision comparison
-SECTIONS = ("ratios", "stages", "quick", "fastpaths")
+SECTIONS = ("ratios", "stages", "quick", "fastpaths", "evalcost")
 FLOAT_DIGITS = 5
 
 
@@ -151,6 +155,9 @@ class Options:
     quality_size: int
     quality_iterations: int
     compile: bool
+    evalcost_sizes: tuple[int, ...] = EVAL_SIZES
+    evalcost_nets: tuple[tuple[str, str], ...] = EVAL_NETS
+    evalcost_repeats: int | None = None
     loads: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -879,7 +886,8 @@ def ratio_record(ratio: Ratio) -> dict[str, Any]:
     return {**dataclasses.asdict(ratio), "ratio": round(ratio.ratio, 3), "verdict": ratio.verdict}
 
 
-def report(options: Options, info: dict, stage_rows: list[Row], ratios: list[Ratio], fast_rows: list[Row]) -> str:
+def report(options: Options, info: dict, stage_rows: list[Row], ratios: list[Ratio], fast_rows: list[Row],
+           evalcost: list[EvalCost] | None = None) -> str:
     """Return the markdown report of one run."""
     parts = [f"# Benchmark run on {info['device']}", "",
              f"Machine: {info['cpu_model']}, {info['cpu_count']} cores, torch {info['torch']} with "
@@ -908,19 +916,23 @@ def report(options: Options, info: dict, stage_rows: list[Row], ratios: list[Rat
             note = next(r.note for r in precision if r.stage.endswith("_bf16")).split(";")[0]
             parts += ["", f"Precision at {precision[0].size} px ({note}); mean change of the fp32 result from the "
                           f"composite in the loose mask, 8-bit levels: {change}.", "", precision_table(precision)]
+    if evalcost:
+        parts += ["", "## One evaluation vs a plain forward + backward (median of alternating runs)", "",
+                  evalcost_table(evalcost)]
     return "\n".join(parts) + "\n"
 
 
 def write_outputs(options: Options, info: dict, stage_rows: list[Row], ratios: list[Ratio],
-                  fast_rows: list[Row]) -> Path:
+                  fast_rows: list[Row], evalcost: list[EvalCost] | None = None) -> Path:
     """Write the CSVs, machine.json and report.md under ``options.out``; return the report's path."""
     options.out.mkdir(parents=True, exist_ok=True)
     write_csv(options.out / "stages.csv", [dataclasses.asdict(r) for r in stage_rows])
     write_csv(options.out / "ratios.csv", [ratio_record(r) for r in ratios])
     write_csv(options.out / "fastpaths.csv", [dataclasses.asdict(r) for r in fast_rows])
+    write_csv(options.out / "evalcost.csv", [{**dataclasses.asdict(r), "verdict": r.verdict} for r in evalcost or []])
     (options.out / "machine.json").write_text(json.dumps({**info, "loads": options.loads}, indent=2) + "\n")
     path = options.out / "report.md"
-    path.write_text(report(options, info, stage_rows, ratios, fast_rows))
+    path.write_text(report(options, info, stage_rows, ratios, fast_rows, evalcost))
     return path
 
 
@@ -944,7 +956,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--quality-size", type=int, default=QUALITY_SIZE, help="size of the bf16 comparison")
     parser.add_argument("--quality-iterations", type=int, default=QUALITY_ITERATIONS, help="iterations per pass")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile experiment")
+    parser.add_argument("--evalcost-sizes", default=",".join(map(str, EVAL_SIZES)),
+                        help="sizes of the evaluation-cost rows (140,700)")
+    parser.add_argument("--evalcost-nets", default=",".join(f"{a}:{w}" for a, w in EVAL_NETS),
+                        help="arch:weights pairs of the evaluation-cost rows (vgg16:offline-vgg16,vgg19:random:0)")
+    parser.add_argument("--evalcost-repeats", type=int, help="alternating pairs per row (default 7, 3 from 400 px)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     sections = SECTIONS if args.sections == "all" else tuple(s.strip() for s in args.sections.split(",") if s)
     unknown = set(sections) - set(SECTIONS)
@@ -955,9 +975,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     iterations = args.iterations if args.iterations is not None else DEFAULT_ITERATIONS[device.type]
     if iterations < 1:
         parser.error("--iterations must be >= 1 (the per-iteration time needs one)")
+    nets = tuple(tuple(pair.split(":", 1)) for pair in args.evalcost_nets.split(",") if pair)
+    if any(len(net) != 2 for net in nets):
+        parser.error("--evalcost-nets takes arch:weights pairs, e.g. vgg16:offline-vgg16,vgg19:random:0")
     return Options(sizes, device, iterations, args.out, sections, args.case, args.arch, args.weights,
                    args.ratio_size, args.ratio_arch, args.ratio_weights, args.repeats, args.fast_size,
-                   args.quality_size, args.quality_iterations, not args.no_compile)
+                   args.quality_size, args.quality_iterations, not args.no_compile,
+                   tuple(int(s) for s in args.evalcost_sizes.split(",") if s), nets, args.evalcost_repeats)
 
 
 def _section(options: Options, name: str, fn: Callable[[], Any]) -> Any:
@@ -971,7 +995,8 @@ def _section(options: Options, name: str, fn: Callable[[], Any]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the chosen sections, write the outputs, print the tables; return 0, or 1 if a ratio row FAILs."""
+    """Run the chosen sections, write the outputs, print the tables; return 0, or 1 if a ratio or evalcost row
+    FAILs."""
     options = parse_args(argv)
     info = machine_info(options.device)
     print(f"bench on {info['device']}: {info['cpu_model']}, {info['torch_threads']} torch threads, "
@@ -984,16 +1009,22 @@ def main(argv: list[str] | None = None) -> int:
         stage_rows += _section(options, "quick", lambda: run_quick_preset(options))
     fast_rows = (_section(options, "fastpaths", lambda: run_fastpaths(options, stage_rows))
                  if "fastpaths" in options.sections else [])
+    evalcost = (_section(options, "evalcost", lambda: run_evalcost(
+        lambda size: load_bench_item(options.case, size), lambda size, arch, weights: stage_config(size, 0, arch, weights),
+        options.evalcost_sizes, options.evalcost_nets, options.device, options.evalcost_repeats))
+        if "evalcost" in options.sections else [])
     info["total_seconds"] = round(time.perf_counter() - started, 1)
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    path = write_outputs(options, info, stage_rows, ratios, fast_rows)
+    path = write_outputs(options, info, stage_rows, ratios, fast_rows, evalcost)
     if any(r.section == "stages" for r in stage_rows):
         print("\n" + stage_table(stage_rows))
     if ratios:
         print("\n" + ratio_table(ratios))
+    if evalcost:
+        print("\n" + evalcost_table(evalcost))
     print(f"\nwrote {path} ({info['total_seconds']} s in all)")
     synchronize(options.device)
-    return 1 if any(r.verdict == "FAIL" for r in ratios) else 0
+    return 1 if any(r.verdict == "FAIL" for r in [*ratios, *evalcost]) else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ compares equal results, and that the extrapolated figures are the measured ones 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from bench import MIB, PeakMemory, with_memory_format
+from bench.evalcost import EVAL_BAR, EvalCost, plain_forward_backward
 from bench.run import (
     PAPER_ITERATIONS,
     lbfgs_history_bytes,
@@ -22,6 +24,7 @@ from bench.run import (
     main,
     steady_iteration_seconds,
 )
+from harmonize_core.objective import Problem, Term
 from harmonize_core.vgg import load_backbone
 
 STAGE_SIZE, RATIO_SIZE, ITERATIONS = 48, 64, 2
@@ -139,3 +142,37 @@ def test_with_memory_format_gives_the_same_features():
     reference, other = plain.extract(x, ["relu3_1"])["relu3_1"], fast.extract(x, ["relu3_1"])["relu3_1"]
     assert other.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(other, reference, rtol=1e-4, atol=1e-5)
+
+
+EVAL_SIZE = 48
+
+
+def test_evalcost_section_rows(tmp_path):
+    code = main(["--sections", "evalcost", "--evalcost-sizes", str(EVAL_SIZE), "--evalcost-nets", "vgg16:random:0",
+                 "--evalcost-repeats", "1", "--case", "procedural", "--out", str(tmp_path)])
+    rows = read_csv(tmp_path / "evalcost.csv")
+    assert [(r["stage"], r["deepest"]) for r in rows] == [("pass1", "relu5_1"), ("pass2", "relu4_1")]
+    for row in rows:
+        plain, full, ratio = float(row["plain_s"]), float(row["eval_s"]), float(row["ratio"])
+        assert plain > 0 and full > 0 and int(row["size"]) == EVAL_SIZE and row["shape"] == "36x48"
+        assert ratio == pytest.approx(full / plain, rel=0.02, abs=1e-3)  # one pair: its ratio is the ratio
+        assert row["verdict"] == ("PASS" if ratio <= EVAL_BAR else "FAIL")
+        assert (row["arch"], row["weights"], int(row["threads"])) == ("vgg16", "random:0", torch.get_num_threads())
+    assert code == (1 if any(r["verdict"] == "FAIL" for r in rows) else 0)
+    assert "| pass1 | vgg16 random:0 | 48 | 36x48 | relu5_1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_plain_run_is_autograd_of_the_deepest_tap():
+    backbone = load_backbone("vgg16", "random:0")
+    problem = Problem(backbone, [Term("t", "relu2_1", torch.sum, 1.0), Term("u", "relu1_1", torch.sum, 1.0)],
+                      {}, torch.ones(1, 3, 20, 24), normalize=False)
+    x = torch.randn(1, 3, 20, 24, generator=torch.Generator().manual_seed(2))
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(backbone.extract(leaf, ["relu2_1"])["relu2_1"].sum(), leaf)
+    torch.testing.assert_close(plain_forward_backward(problem, x)(), expected)
+
+
+def test_evalcost_verdict_reads_the_bar():
+    row = EvalCost("pass2", 700, "564x700", "vgg16", "w", "relu4_1", 1.0, 1.25, 1.25, 1.2, 3, 2, "1 -> 1")
+    assert row.verdict == "PASS"
+    assert dataclasses.replace(row, ratio=1.26).verdict == "FAIL"

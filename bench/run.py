@@ -462,7 +462,7 @@ def run_ratios(options: Options) -> list[Ratio]:
     ours_s, ours, ours_mb = measure_call(lambda: remap_histogram(c1, q1, target), device, max(repeats, 3))
     naive_s, naive, naive_mb = measure_call(lambda: remap_histogram_naive(c1, q1, target), device, 1)
     diff = float((naive - ours).abs().max())
-    rows.append(_emit(Ratio("hist_naive_vs_sorted", "histogram remap: O(n x bins) vs sort + searchsorted",
+    rows.append(_emit(Ratio("hist_naive_vs_sorted", "histogram remap: O(n x bins) vs sort + linear bin count",
                             HIST_LAYER, size, _positions(q1), naive_s, ours_s, f"max abs diff {diff:.3g}",
                             diff == 0.0, naive_mb, ours_mb, BARS["hist_naive_vs_sorted"])))
 

@@ -25,6 +25,9 @@ from .masks import dilate_mask, feather_mask
 STAGES: tuple[str, ...] = ("dilate", "pass1", "blend", "pass2", "reconstruct")
 
 
+PROGRESS_ORDER = ("content", "style", "hist", "tv")  # term groups in the order progress lines print them
+
+
 @dataclass(frozen=True)
 class Iterate:
     """A progress event from a long stage: ``step`` of ``total`` iterations, current loss terms, seconds so far.
@@ -46,7 +49,7 @@ class Iterate:
 
     def relative_groups(self) -> dict[str, float]:
         """Return the relative value per term group (style_relu3_1 + style_relu4_1 -> style: the group's sum over
-        the sum of its references), "total" left out, in insertion order."""
+        the sum of its references), "total" left out, content / style / hist / tv first."""
         values: dict[str, float] = {}
         references: dict[str, float] = {}
         for name, value in self.losses.items():
@@ -56,7 +59,8 @@ class Iterate:
             values[group] = values.get(group, 0.0) + value
             ratio = self.relative[name]
             references[group] = references.get(group, 0.0) + (value / ratio if ratio else 0.0)
-        return {g: values[g] / references[g] if references[g] else 1.0 for g in values}
+        order = sorted(values, key=lambda g: (PROGRESS_ORDER.index(g) if g in PROGRESS_ORDER else len(PROGRESS_ORDER), g))
+        return {g: values[g] / references[g] if references[g] else 1.0 for g in order}
 
     def summary(self) -> str:
         """Return one line: ``pass2  120/1000  content 0.82  style 0.31  hist 0.55  tv 1.10 (x start)  image moved

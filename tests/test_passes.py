@@ -143,11 +143,13 @@ def test_progress_events_carry_relative_terms_and_the_image_change(stages, confi
         assert set(mine[0].relative) == set(mine[0].losses) and all(v == 1.0 for v in mine[0].relative.values())
         assert mine[0].image_change == 0.0 and mine[0].image_change_max == 0.0
         moved = [e.image_change for e in mine[1:]]
-        assert all(0.0 <= m <= e.image_change_max <= 255.0 for m, e in zip(moved, mine[1:], strict=True))
+        # (the largest change can pass 255 levels: the image may leave [0, 1] while it is optimised)
+        assert all(0.0 <= m <= e.image_change_max and m < 255.0 for m, e in zip(moved, mine[1:], strict=True))
         assert max(moved) > 0.0
         assert [v for _, v in output.metrics["curves"]["image_change"]] == [e.image_change for e in mine]
         line = mine[-1].summary()
-        assert line.startswith(f"{stage}  ") and "(x start)" in line and "image moved" in line and "style " in line
+        assert line.startswith(f"{stage}  ") and "(x start)" in line and "image moved" in line
+        assert line.index("content ") < line.index("style ") < line.index("tv ")
     pass1_events = [e for e in events if e.stage == "pass1"]
     assert pass1_events[-1].relative["total"] < 1.0
     # The path the image took is at least as long as the straight line from the composite to the result.

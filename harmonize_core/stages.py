@@ -176,13 +176,20 @@ def pass2(
 
 
 def reconstruct(pass2_image: torch.Tensor, inputs: ItemInputs, config: HarmonizeConfig) -> StageOutput:
-    """Return the post-processed final image (filt_cnn_artifact.m): chroma denoise, patch synthesis, detail, blend."""
+    """Return the post-processed final image (filt_cnn_artifact.m): chroma denoise, patch synthesis, detail, blend.
+
+    Its metrics carry ``quality``: the final image's (8-bit, as stored) ``{"style", "structure", "seam"}`` scores
+    against the composite, the painting and the tight mask (harmonize_core/quality.py says which way is better).
+    """
     from .postprocess import reconstruct as run_reconstruct
+    from .quality import quality_scores
 
     started = time.perf_counter()
     image, metrics = run_reconstruct(pass2_image, inputs.style, inputs.content, inputs.tight, config.post,
                                      size=config.sizing.size, seed=config.seed)
-    return _output("reconstruct", image, started, config, **metrics)
+    quality = {key: round(value, 4) for key, value in
+               quality_scores(quantize(image), inputs.content, inputs.style, inputs.tight).items()}
+    return _output("reconstruct", image, started, config, quality=quality, **metrics)
 
 
 def _estimate_tau(style: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""The ``harmonize`` command: ``one``, ``validate``, ``run``, ``serve`` and ``demo``.
+"""The ``harmonize`` command: ``one``, ``validate``, ``run``, ``report``, ``serve``, ``deploy``, ``worker``, ``demo``.
 
 Exit codes: 0 success; 1 some items failed or some manifest rows are invalid; 2 a problem for the user to fix
 (unreadable manifest, missing columns, bad flag value, weights unavailable), printed as one line without a
@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+NIGHTLY = "0 2 * * *"
+DEFAULT_POOL = "harmonize-gpu"  # flows.deploy.DEFAULT_POOL (not imported: `validate` stays free of Prefect)
+ZOMBIE_SECONDS = 90.0  # flows.deploy.ZOMBIE_SECONDS
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: no telemetry attempts
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # Prefect's own console lines and tracebacks
 }
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-RUN_OVERRIDES = ("tau", "size", "pass1_iters", "pass2_iters")  # run-level defaults a row's cells may override
+RUN_OVERRIDES = ("tau", "size", "pass1_iters", "pass2_iters", "max_seconds")  # run-level defaults rows may override
 DEMO_OUT = "demo-out"
 DEMO_BACKBONE, DEMO_WEIGHTS = "vgg16", "offline-vgg16"
 
@@ -58,31 +61,43 @@ def cmd_validate(args: argparse.Namespace) -> int:
     run = RunSettings(preset=args.preset, overrides=_run_overrides(args)).with_overrides(
         backbone=args.backbone, weights=args.weights)
     check_run_settings(run)
-    report = validate_manifest(args.manifest, run)
+    report = validate_manifest(args.manifest, run, strict_warnings=args.strict)
     print(report.table())
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the manifest flow's parameters from the run flags (shared by run, serve and deploy)."""
+    return {"preset": args.preset, "device": args.device, "backbone": args.backbone, "weights": args.weights,
+            "overrides": _run_overrides(args), "strict": args.strict, "pool": args.pool,
+            "shard_size": args.shard_size}
+
+
+def manifest_flow(args: argparse.Namespace):
+    """Return the manifest flow with ``--workers`` items in flight when given."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from .harmonize import harmonize_manifest
+
+    if args.workers:
+        return harmonize_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
+    return harmonize_manifest
+
+
 def run_flow(manifest: str, out: str, args: argparse.Namespace, only_ids: list[str] | None = None) -> int:
     """Run ``harmonize_manifest`` in-process and print the outcome; return the exit code."""
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
     from harmonize_core.errors import HarmonizeError
 
-    from .harmonize import ItemsFailed, harmonize_manifest
+    from .harmonize import ItemsFailed
 
-    flow = harmonize_manifest
-    if args.workers:
-        flow = flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
-    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
-
+    flow = manifest_flow(args)
     handler = None if args.verbose else _show_progress()
     started = time.perf_counter()
     try:
         with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True} if args.refresh else {}):
-            state = flow(manifest=manifest, out=out, preset=args.preset, device=args.device, backbone=args.backbone,
-                         weights=args.weights, overrides=_run_overrides(args), strict=args.strict,
-                         only_ids=only_ids, return_state=True)
+            state = flow(manifest=manifest, out=out, only_ids=only_ids, return_state=True, **flow_parameters(args))
     finally:
         if handler is not None:
             logging.getLogger("prefect").removeHandler(handler)
@@ -95,12 +110,16 @@ def run_flow(manifest: str, out: str, args: argparse.Namespace, only_ids: list[s
             if row["status"] != "completed":
                 print(f"{row['status']}: {row['id'] or 'row ' + str(row['row'])}: {row['error']}", file=sys.stderr)
         print(f"{result} ({seconds:.0f} s); rerun them with --only-failed {result.summary_uri}", file=sys.stderr)
+        if result.report_uri:
+            print(f"report: {result.report_uri}", file=sys.stderr)
         return EXIT_FAILED
     if isinstance(result, BaseException):
         raise result
     cached = sum(1 for row in result["rows"] if row.get("cached"))
     print(f"{result['completed']} items completed ({cached} with cached stages) in {seconds:.0f} s; "
           f"outputs under {out}; summary: {result['summary']}")
+    if result.get("report"):
+        print(f"report: {result['report']}")
     return EXIT_OK
 
 
@@ -118,6 +137,10 @@ def preflight(manifest: str, args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``harmonize run MANIFEST --out URI``: run the flow; exit 0, or 1 when any item failed or was invalid."""
+    if args.pool:
+        from .deploy import require_api
+
+        require_api()  # the pool's workers take shards from a Prefect server, not from this process
     preflight(args.manifest, args)
     only_ids = None
     if args.only_failed:
@@ -154,11 +177,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``harmonize serve MANIFEST --out URI --cron CRON``: serve the flow on a schedule (needs a Prefect server)."""
-    from .deploy import serve
+    from .deploy import require_api
 
+    require_api()
     preflight(args.manifest, args)
-    serve(args.manifest, args.out, cron=args.cron, preset=args.preset, device=args.device, backbone=args.backbone,
-          weights=args.weights, overrides=_run_overrides(args), strict=args.strict)
+    if args.refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"  # read when each task runs, in this serving process
+    manifest_flow(args).serve(name=args.name, cron=args.cron, tags=["harmonize"], limit=1,
+                              parameters={"manifest": args.manifest, "out": args.out, **flow_parameters(args)})
+    return EXIT_OK
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """``harmonize deploy --pool POOL [MANIFEST --out URI --cron CRON]``: create or update the fleet's deployments."""
+    from .deploy import deploy
+
+    if args.manifest:
+        if not args.out:
+            from harmonize_core.errors import InputError
+
+            raise InputError("deploy: a manifest needs --out (where its outputs go)")
+        preflight(args.manifest, args)
+    parameters = {k: v for k, v in flow_parameters(args).items() if k != "pool"} if args.manifest else {}
+    done = deploy(args.pool, args.manifest, args.out, cron=args.cron, zombie_seconds=args.zombie_seconds,
+                  **parameters)
+    print("\n".join(f"{kind}: {name}" for kind, name in done.items()))
+    print(f"next: `harmonize worker --pool {args.pool}` on every GPU machine")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``harmonize worker --pool POOL [--gpus 0,1]``: one Prefect worker per GPU of this machine, pinned to it."""
+    from .workers import parse_gpus, supervise
+
+    return supervise(args.pool, parse_gpus(args.gpus), coordinator=args.coordinator)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``harmonize report --out URI [--run ID]``: rebuild a run's report from storage; print its location."""
+    from harmonize_core.errors import InputError
+
+    from .report import build_report, latest_run
+
+    run_id = args.run or latest_run(args.out)
+    if run_id is None:
+        raise InputError(f"{args.out}: no run with a summary.csv under runs/ (give --run ID)")
+    print(build_report(args.out, run_id))
     return EXIT_OK
 
 
@@ -166,8 +230,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     from harmonize_core.cli import add_config_arguments
 
     add_config_arguments(parser)
-    parser.add_argument("--strict", action="store_true", help="any invalid row stops the run before it starts")
+    parser.add_argument("--strict", action="store_true", help="warnings count as errors, and any invalid row stops "
+                        "the run before it starts")
     parser.add_argument("--workers", type=int, default=None, help="items in flight at once (default 4)")
+    parser.add_argument("--pool", default=None, help="run the items on this GPU work pool's workers (see deploy, "
+                        "worker) instead of in this process")
+    parser.add_argument("--shard-size", type=int, default=1, help="items per shard sent to one worker (default 1)")
     parser.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring (and replacing) "
                         "the cache records under OUT/.cache")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
@@ -193,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a manifest and list every problem (row and column)")
     validate.add_argument("manifest", help="CSV path or s3:// URI")
+    validate.add_argument("--strict", action="store_true", help="warnings count as errors")
     add_config_arguments(validate)
     validate.set_defaults(handler=cmd_validate, verbose=True)
 
@@ -203,12 +272,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     run.set_defaults(handler=cmd_run)
 
+    report = sub.add_parser("report", help="rebuild a run's HTML report from the output storage")
+    report.add_argument("--out", required=True, help="output folder or s3:// prefix of the run")
+    report.add_argument("--run", default=None, help="run id (default: the latest run with a summary)")
+    report.set_defaults(handler=cmd_report, verbose=True)
+
     serve = sub.add_parser("serve", help="run a manifest on a cron schedule (Flow.serve; needs PREFECT_API_URL)")
     serve.add_argument("manifest", help="CSV path or s3:// URI")
     serve.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: every night at 02:00)")
+    serve.add_argument("--cron", default=NIGHTLY, help="schedule (default: every night at 02:00)")
+    serve.add_argument("--name", default="nightly", help="deployment name (default nightly)")
     _add_run_arguments(serve)
     serve.set_defaults(handler=cmd_serve, verbose=True)
+
+    deploy = sub.add_parser("deploy", help="create or update the work pool, deployments and zombie-run automation "
+                            "on the Prefect server (PREFECT_API_URL)")
+    deploy.add_argument("manifest", nargs="?", default=None, help="also deploy this manifest on a cron schedule")
+    deploy.add_argument("--out", default=None, help="output folder or s3:// prefix of the scheduled manifest")
+    deploy.add_argument("--cron", default=NIGHTLY, help="schedule of the manifest (default: every night at 02:00)")
+    deploy.add_argument("--zombie-seconds", type=float, default=ZOMBIE_SECONDS,
+                        help=f"a run silent this long is marked Crashed and its items resubmitted "
+                             f"(default {ZOMBIE_SECONDS})")
+    _add_run_arguments(deploy)
+    deploy.set_defaults(handler=cmd_deploy, verbose=True, pool=DEFAULT_POOL)
+
+    worker = sub.add_parser("worker", help="start this machine's Prefect workers: one per GPU, pinned to it")
+    worker.add_argument("--pool", default=DEFAULT_POOL, help=f"work pool (default {DEFAULT_POOL})")
+    worker.add_argument("--gpus", default="auto", help="GPU ids to serve, e.g. 0,1 (default: every visible GPU)")
+    worker.add_argument("--no-coordinator", dest="coordinator", action="store_false",
+                        help="do not also serve the pool's coordinator queue (scheduled manifest runs)")
+    worker.set_defaults(handler=cmd_worker, verbose=True)
 
     demo = sub.add_parser("demo", help="make a small procedural dataset and harmonize it (quick preset)")
     demo.add_argument("--out", default=DEMO_OUT, help=f"folder for inputs and results (default ./{DEMO_OUT})")

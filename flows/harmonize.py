@@ -31,6 +31,10 @@ from .item import variant_items
 from .progress import RunProgress
 from .shard import ITEMS_IN_FLIGHT, run_items_here
 from .summary import COMPLETED, counts, invalid_rows, publish_artifact, update_status
+from .text import one_line
+
+REPORT_ARTIFACT_KEY = "harmonize-run-report"
+INPUTS_DIR = "inputs"  # under <out>/.cache: the input index (manifests.index)
 
 
 class ManifestError(InputError):
@@ -40,14 +44,21 @@ class ManifestError(InputError):
 class ItemsFailed(Exception):
     """Raised at the end of a run with failed or invalid items (after the summary is written)."""
 
-    def __init__(self, failed: int, total: int, summary_uri: str, rows: list[dict[str, Any]]) -> None:
+    def __init__(self, failed: int, total: int, summary_uri: str, rows: list[dict[str, Any]],
+                 report_uri: str = "") -> None:
         super().__init__(f"{failed} of {total} items failed or were invalid; see {summary_uri}")
         self.failed, self.total, self.summary_uri, self.rows = failed, total, summary_uri, rows
+        self.report_uri = report_uri
 
 
 def run_identifier() -> str:
     """Return this flow run's id (a fresh uuid when called outside a flow run)."""
     return str(flow_run.get_id() or uuid.uuid4())
+
+
+def input_index(out: str) -> str:
+    """Return where the inputs' digests and checks are kept between runs: ``<out>/.cache/inputs``."""
+    return storage.join(storage.cache_uri(out), INPUTS_DIR)
 
 
 def check_report(report: ValidationReport, strict: bool) -> None:
@@ -60,14 +71,28 @@ def check_report(report: ValidationReport, strict: bool) -> None:
                             f"(run `harmonize validate {report.manifest}` for all)")
 
 
-def finish_run(out: str, run_id: str, progress: RunProgress) -> str:
-    """Write the final summary, the table artifact, ``status.csv`` and the report; return the summary URI."""
+def finish_run(out: str, run_id: str, progress: RunProgress) -> tuple[str, str]:
+    """Write the final summary, the table artifact, ``status.csv``, the report and its markdown artifact; return
+    (summary URI, report URI, "" when the report could not be built: the run's outcome does not depend on it)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from .report import build_report, report_markdown
+
     logger = get_run_logger()
     summary_uri = progress.write()
     publish_artifact(progress.rows, summary_uri)
     update_status(out, run_id, progress.rows)
     logger.info("summary: %s", summary_uri, extra=PROGRESS)
-    return summary_uri
+    try:
+        report_uri = build_report(out, run_id)
+    except Exception as exc:  # noqa: BLE001 - a report problem must not fail a finished run
+        logger.warning("the report could not be built (%s); rebuild it with `harmonize report --out %s --run %s`",
+                       one_line(exc), out, run_id, extra=PROGRESS)
+        return summary_uri, ""
+    create_markdown_artifact(key=REPORT_ARTIFACT_KEY, markdown=report_markdown(progress.rows, report_uri, summary_uri),
+                             description=f"run report: {report_uri}")
+    logger.info("report: %s", report_uri, extra=PROGRESS)
+    return summary_uri, report_uri
 
 
 @flow(name="harmonize-manifest", task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT))
@@ -97,10 +122,12 @@ def harmonize_manifest(
     run = RunSettings(preset=preset, overrides=dict(overrides or {})).with_overrides(backbone=backbone,
                                                                                       weights=weights)
     check_run_settings(run)
-    report = validate_manifest(manifest, run, only_ids)
+    report = validate_manifest(manifest, run, only_ids, strict_warnings=strict, index=input_index(out))
     check_report(report, strict)
     for problem in report.problems:
         logger.warning("invalid: %s", problem.describe(manifest), extra=PROGRESS)
+    for warning in report.warnings:
+        logger.warning("%s", warning.describe(manifest), extra=PROGRESS)
     logger.info("%s: %d items to run, %d invalid rows", manifest, len(report.items), len(report.invalid_rows()),
                 extra=PROGRESS)
     run_id = run_identifier()
@@ -118,10 +145,10 @@ def harmonize_manifest(
             FanOut(out, run_id, spec, target, pool, progress).run(records, shard_size)
         else:
             run_items_here(records, out, spec, target, run_id, on_rows=progress.add)
-    summary_uri = finish_run(out, run_id, progress)
+    summary_uri, report_uri = finish_run(out, run_id, progress)
     rows = progress.rows
     failed = [r for r in rows if r["status"] != COMPLETED]
     if failed:
-        raise ItemsFailed(len(failed), len(rows), summary_uri, rows)
+        raise ItemsFailed(len(failed), len(rows), summary_uri, rows, report_uri)
     return {"items": len(rows), "completed": counts(rows)[COMPLETED], "summary": summary_uri, "rows": rows,
-            "run_id": run_id}
+            "run_id": run_id, "report": report_uri}

@@ -143,7 +143,8 @@ def run_chain(item: dict[str, Any], stages: tuple[str, ...], chain: dict[str, An
 
 
 def _failed(item: dict[str, Any], out: str, chain: dict[str, Any], stage: str, exc: Exception) -> dict[str, Any]:
-    error = f"{stage}: {one_line(exc)}"
+    message = one_line(exc)
+    error = message if message.startswith(f"{stage}: ") else f"{stage}: {message}"
     get_run_logger().error("item %s failed: %s", item["id"], error, extra=PROGRESS)
     return summary_row(item, out, chain, FAILED, error)
 

@@ -44,7 +44,8 @@ def invalid_rows(report: ValidationReport) -> list[dict[str, Any]]:
     rows = []
     for number, problems in sorted(report.invalid_rows().items()):
         message = "; ".join(_describe(p) for p in problems)
-        rows.append({"id": problems[0].item_id, "row": number, "status": INVALID, "error": message})
+        rows.append({"id": problems[0].item_id, "row": number, "status": INVALID, "error": message,
+                     "extra": dict(report.extras.get(number, {}))})
     return rows
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, preset
+from .config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, override_targets, preset
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -31,10 +31,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                        help="paper: 700 px, 1000+1000 iterations, VGG19; quick: small and fast (default: quick)")
     group.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
-    for flat, dotted in OVERRIDE_FIELDS.items():
+    for flat in OVERRIDE_FIELDS:
         flag = "--" + flat.replace("_", "-")
         group.add_argument(flag, dest=flat, default=None, metavar=flat.split("_")[-1].upper(),
-                           help=_field_help(dotted))
+                           help=_field_help(override_targets(flat)[0]))
 
 
 def config_from_args(args: argparse.Namespace) -> HarmonizeConfig:

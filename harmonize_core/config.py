@@ -169,15 +169,22 @@ PRESETS: dict[str, dict[str, Any]] = {
               "pass2.log_every": 10, "backbone.name": "vgg16", "backbone.weights": "offline-vgg16"},
 }
 
-# Manifest/CLI overrides: a documented flat name -> the dotted field it sets.
-OVERRIDE_FIELDS: dict[str, str] = {
+# Manifest/CLI overrides: a documented flat name -> the dotted field(s) it sets.
+OVERRIDE_FIELDS: dict[str, str | tuple[str, ...]] = {
     "size": "sizing.size",
     "pass1_iters": "pass1.iterations",
     "pass2_iters": "pass2.iterations",
     "tau": "pass2.tau",
     "backbone": "backbone.name",
     "weights": "backbone.weights",
+    "max_seconds": ("pass1.max_seconds", "pass2.max_seconds"),  # a deadline for each optimisation stage
 }
+
+
+def override_targets(key: str) -> tuple[str, ...]:
+    """Return the dotted field names an override key sets (a flat name may set several; a dotted name itself)."""
+    target = OVERRIDE_FIELDS.get(key, key)
+    return target if isinstance(target, tuple) else (target,)
 
 
 def preset(name: str) -> HarmonizeConfig:
@@ -195,20 +202,23 @@ def apply_overrides(config: HarmonizeConfig, overrides: dict[str, Any]) -> Harmo
     for key, value in overrides.items():
         if value is None:
             continue
-        dotted = OVERRIDE_FIELDS.get(key, key)
-        if "." in dotted:
-            section_name, field_name = dotted.split(".", 1)
-            section = getattr(config, section_name, None)
-            if section is None or field_name not in {f.name for f in dataclasses.fields(section)}:
-                raise ValueError(f"unknown config field {key!r}")
-            new_section = dataclasses.replace(section, **{field_name: _coerce(section, field_name, value)})
-            config = dataclasses.replace(config, **{section_name: new_section})
-        else:
-            if dotted not in {f.name for f in dataclasses.fields(config)}:
-                raise ValueError(f"unknown config field {key!r}")
-            config = dataclasses.replace(config, **{dotted: _coerce(config, dotted, value)})
+        for dotted in override_targets(key):
+            config = _set_field(config, key, dotted, value)
     validate_config(config)
     return config
+
+
+def _set_field(config: HarmonizeConfig, key: str, dotted: str, value: Any) -> HarmonizeConfig:
+    if "." in dotted:
+        section_name, field_name = dotted.split(".", 1)
+        section = getattr(config, section_name, None)
+        if section is None or field_name not in {f.name for f in dataclasses.fields(section)}:
+            raise ValueError(f"unknown config field {key!r}")
+        new_section = dataclasses.replace(section, **{field_name: _coerce(section, field_name, value)})
+        return dataclasses.replace(config, **{section_name: new_section})
+    if dotted not in {f.name for f in dataclasses.fields(config)}:
+        raise ValueError(f"unknown config field {key!r}")
+    return dataclasses.replace(config, **{dotted: _coerce(config, dotted, value)})
 
 
 def _coerce(obj: Any, name: str, value: Any) -> Any:
@@ -253,6 +263,7 @@ def validate_config(config: HarmonizeConfig) -> None:
         (config.backbone.precision in ("auto", "fp32", "bf16"), "backbone.precision must be auto, fp32 or bf16"),
         (config.post.guide in ("composite", "luminance"), "post.guide must be composite or luminance"),
         (config.pass1.match_budget_mb > 0 and config.pass2.match_budget_mb > 0, "match budgets must be > 0"),
+        (config.pass1.max_seconds >= 0 and config.pass2.max_seconds >= 0, "max_seconds must be >= 0 (0 = no limit)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -19,13 +19,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from harmonize_core.config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, parse_tau, preset
+from harmonize_core.config import PRESETS, HarmonizeConfig, apply_overrides, parse_tau, preset
 from harmonize_core.errors import InputError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "content", "style", "mask")
 FILE_COLUMNS: tuple[str, ...] = ("content", "style", "mask")
 # Per-row overrides: the config fields a curator may change for one item (names from config.OVERRIDE_FIELDS).
-OVERRIDE_COLUMNS: tuple[str, ...] = ("tau", "size", "pass1_iters", "pass2_iters")
+OVERRIDE_COLUMNS: tuple[str, ...] = ("tau", "size", "pass1_iters", "pass2_iters", "max_seconds")
 PRESET_COLUMN = "preset"
 INTEGER_COLUMNS: tuple[str, ...] = ("size", "pass1_iters", "pass2_iters")
 OPTIONAL_COLUMNS: tuple[str, ...] = (*OVERRIDE_COLUMNS, PRESET_COLUMN)
@@ -217,11 +217,11 @@ def check_override(column: str, value: str) -> str | None:
             return str(exc)
         return None
     if column in INTEGER_COLUMNS and not _is_whole(value):
-        return f"bad value {value!r} for {OVERRIDE_FIELDS[column]}: expected a whole number"
+        return f"bad value {value!r} for {column}: expected a whole number"
     try:
         apply_overrides(HarmonizeConfig(), {column: value})
     except (ValueError, TypeError) as exc:
-        return f"bad value {value!r} for {OVERRIDE_FIELDS[column]}: {exc}"
+        return f"bad value {value!r} for {column}: {exc}"
     return None
 
 

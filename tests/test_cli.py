@@ -68,7 +68,8 @@ def test_run_reports_failures_then_only_failed_reruns_them(prefect_api, tmp_path
     err = capsys.readouterr().err
     assert "invalid: b: mask:" in err and "not a readable image" in err and "Traceback" not in err
     assert "item 1/1 a: reconstruct done" in err  # per-item, per-stage progress
-    summary = err.split("--only-failed ")[-1].strip()
+    summary = err.split("--only-failed ")[-1].splitlines()[0].strip()
+    assert "report: " in err
     assert [(r["id"], r["status"]) for r in read_summary(summary)] == [("a", "completed"), ("b", "invalid")]
 
     mask.write_bytes(saved)  # the curator fixes the row

@@ -11,6 +11,7 @@ from harmonize_core.config import (
     HarmonizeConfig,
     apply_overrides,
     config_digest,
+    override_targets,
     preset,
     stage_section,
 )
@@ -37,9 +38,12 @@ def test_every_field_has_a_default_and_a_help_text(name, field):
 
 
 def test_overrides_name_real_fields_and_presets_apply():
-    for flat, dotted in OVERRIDE_FIELDS.items():
-        section, name = dotted.split(".")
-        assert name in {f.name for f in dataclasses.fields(getattr(HarmonizeConfig(), section))}, flat
+    for flat in OVERRIDE_FIELDS:
+        for dotted in override_targets(flat):
+            section, name = dotted.split(".")
+            assert name in {f.name for f in dataclasses.fields(getattr(HarmonizeConfig(), section))}, flat
+    deadline = apply_overrides(HarmonizeConfig(), {"max_seconds": "90"})  # one flag bounds both passes
+    assert (deadline.pass1.max_seconds, deadline.pass2.max_seconds) == (90.0, 90.0)
     assert preset("paper") == HarmonizeConfig()
     quick = preset("quick")
     assert (quick.sizing.size, quick.backbone.name, quick.backbone.weights) == (256, "vgg16", "offline-vgg16")

@@ -95,15 +95,20 @@ def test_policies_sit_on_the_task_decorators():
     assert not stages.is_transient(InputError("bad")) and not stages.is_transient(RuntimeError("bug"))
 
 
-def test_deployment_is_scheduled_one_run_at_a_time():
-    from flows.deploy import deployment
+def test_deployments_are_scheduled_one_run_at_a_time_and_found_by_module():
+    from flows.deploy import COORDINATOR_QUEUE, SHARD_QUEUE, deployment, shard_deployment
 
-    nightly = deployment("s3://data/m.csv", "s3://results/nightly", preset="paper", device="cuda")
-    assert nightly.name == "nightly" and nightly.tags == ["gpu"]
+    nightly = deployment("s3://data/m.csv", "s3://results/nightly", preset="paper", device="cuda", work_pool="gpus")
+    assert nightly.name == "nightly" and nightly.work_pool_name == "gpus"
+    assert nightly.work_queue_name == COORDINATOR_QUEUE and nightly.entrypoint == "flows.harmonize.harmonize_manifest"
     assert nightly.parameters == {"manifest": "s3://data/m.csv", "out": "s3://results/nightly", "preset": "paper",
-                                  "device": "cuda"}
+                                  "device": "cuda", "pool": "gpus"}
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.concurrency_limit == 1
+    shards = shard_deployment("gpus")
+    assert (shards.name, shards.work_queue_name, shards.entrypoint) == ("gpus", SHARD_QUEUE,
+                                                                        "flows.shard.harmonize_shard")
+    assert shards.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
 
 
 # --- flow runs ------------------------------------------------------------------------------------------------------
@@ -245,6 +250,27 @@ def test_a_failing_stage_is_isolated_not_retried_and_rerun_alone(prefect_api, ti
     assert list(summary_rows(result)) == ["b"]
 
 
+def test_a_stage_past_its_deadline_fails_once_with_one_line(prefect_api, tmp_path, monkeypatch):
+    from tasks import stages as stage_tasks
+
+    # pass 2 runs exactly its iterations (no convergence test), so 100000 of them meet the deadline
+    manifest = make_dataset(tmp_path / "data", ids=("slow",), overrides={"size": "48", "pass1_iters": "3",
+                                                                          "pass2_iters": "100000"})
+    real_pass2, calls = core_stages.pass2, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_pass2(*args, **kwargs)
+
+    monkeypatch.setattr(stage_tasks.core, "pass2", counted)
+    state, result = run(manifest, tmp_path / "out", overrides={"max_seconds": 1.5})
+    assert state.is_failed() and isinstance(result, ItemsFailed)
+    row = summary_rows(result)["slow"]
+    assert row["error"].startswith("pass2: stopped after ") and "limit 1.5 s; raise max_seconds" in row["error"]
+    assert "\n" not in row["error"] and calls == [1]  # a deadline is never retried
+    assert float(row["pass2_s"]) < 30 and row["pass1_uri"]
+
+
 def test_a_transient_storage_failure_is_retried(prefect_api, tiny_manifest, tmp_path, monkeypatch):
     out = tmp_path / "out"
     target = storage.uri_for(str(out), "a", "pass1", "png")
@@ -269,7 +295,9 @@ def test_strict_mode_refuses_a_manifest_with_any_invalid_row(prefect_api, tiny_m
     state, result = run(tiny_manifest, tmp_path / "out", strict=True)
     assert state.is_failed() and isinstance(result, ManifestError)
     assert "--strict" in str(result) and "row 3, column mask" in str(result)
-    assert computed(prefect_api) == set() and not (tmp_path / "out").exists()
+    assert computed(prefect_api) == set()
+    written = {p.name for p in (tmp_path / "out").iterdir()} if (tmp_path / "out").exists() else set()
+    assert written <= {".cache"}  # at most the input index: no outputs, no run folder
 
 
 def test_summary_artifact_and_csv_columns(prefect_api, tiny_manifest, tmp_path):

@@ -11,11 +11,12 @@
   mean over features is divided by the same distance between two disjoint halves of the ring (the painting's own
   variation around the object). The network shares nothing with the optimisation's VGG (not its weights, not its
   architecture, not its statistic: Grams and histograms of VGG features there, quantiles of random projections here).
-- ``structure`` (higher is better, in [0, 1]; 1 = every edge of the object kept): the correlation between the
-  gradient magnitudes of the result and of the composite inside the tight mask (eroded so that the seam is not
-  counted), averaged over two scales; negative correlations count as 0.
-- ``seam`` (lower is better; about 1 = the seam is as strong as the painting's own edges there): the mean
-  colour gradient across the mask boundary (the component normal to it) in a thin band around the boundary of the
+- ``structure`` (higher is better, in [0, 1]; 1 = every edge of the object kept, 0 = none): the correlation between
+  the gradient magnitudes of the result's and the composite's lightness inside the tight mask, at four scales from
+  fine detail to the object's large shapes (smoothing inside the mask only, so that the painting around the object
+  and the seam do not count), negative correlations counted as 0, averaged over the scales.
+- ``seam`` (lower is better; about 1 = the seam is no stronger than the painting's own edges there): the mean colour
+  gradient across the mask boundary (its component normal to the boundary) in a thin band around the boundary of the
   result, divided by the same in the painting.
 
 Pure torch; deterministic (the random filters and the pixel subsamples come from fixed seeds).
@@ -41,13 +42,16 @@ MAX_SAMPLES = 4096  # positions drawn (seeded) from each region before the quant
 RING_GAP = 8  # px at ANALYSIS_SIZE between the tight mask and the ring (about the loose mask's margin)
 RING_MIN_WIDTH = 16  # px at ANALYSIS_SIZE
 RING_RADIUS_FRACTION = 0.5  # ring width as a fraction of the region's equivalent radius, when wider than the minimum
-MIN_PIXELS = 32  # fewer pixels in a ring/region: fall back to a wider one
+MIN_PIXELS = 32  # fewer pixels in a ring or an eroded mask: fall back to a wider one
 STRUCTURE_SIGMAS = (1.0, 2.0, 4.0, 8.0)  # px at ANALYSIS_SIZE: gradient scales of the structure score (fine detail to shapes)
-STRUCTURE_ERODE = 3  # px at ANALYSIS_SIZE removed from the mask edge before the structure correlation
+STRUCTURE_ERODE = 3  # px at ANALYSIS_SIZE (plus one upsampled input pixel) removed from the mask edge for the structure score
 SEAM_SIGMA = 1.0  # px at ANALYSIS_SIZE: gradient scale of the seam score
 SEAM_BAND = 2  # px at ANALYSIS_SIZE each side of the boundary
 EPS = 1e-8
-SPREAD_FLOOR = 1e-3  # added to each feature's spread in the ring (flat rings)
+SPREAD_FLOOR = 0.01  # added to each feature's spread in the ring (features are in about [0, 1] units; flat rings)
+BASELINE_FLOOR = 0.05  # the ring's halves differ at least this much (real paintings: 0.15-0.9; a flat painting: 0)
+FLAT = 0.1  # L* per px: a gradient-magnitude spread below this (invisible) is no structure to keep at that scale
+SEAM_FLOOR = 1e-3  # per-pixel colour gradient (about a quarter of an 8-bit level): a flat painting's edges
 
 
 def quality_scores(
@@ -62,19 +66,26 @@ def quality_scores(
     reads a crop around the region (the mask, its ring and the filters' reach).
     """
     _check(result, content, style, tight)
+    upscale = max(1.0, ANALYSIS_SIZE / max(style.shape[-2:]))  # a small input's pixel edges spread over this many px
     images = [_analysis(t.detach().float().cpu()) for t in (result, content, style, tight)]
     if loose is not None:
         images.append(_analysis(loose.detach().float().cpu()))
+    images[3] = _binary(images[3])
     rows, cols = _box(images[3][0, 0] > 0.5, _reach(images[3]))
     images = [image[..., rows, cols] for image in images]
-    result, content, style = images[:3]
-    tight, loose = (images[3] > 0.5).float(), ((images[4] > 0.5).float() if loose is not None else None)
+    result, content, style, tight = images[:4]
+    loose = _binary(images[4]) if loose is not None else None
     labs = [rgb_to_lab(image) for image in (result, content, style)]
     return {
         "style": style_distance(result, style, tight, loose=loose, labs=(labs[0], labs[2])),
-        "structure": structure_kept(labs[0][:, :1], labs[1][:, :1], tight),
+        "structure": structure_kept(labs[0][:, :1], labs[1][:, :1], tight, erode=STRUCTURE_ERODE + math.ceil(upscale) - 1),
         "seam": seam_visibility(result, style, tight),
     }
+
+
+def _binary(mask: torch.Tensor) -> torch.Tensor:
+    """A resampled mask back in {0, 1} (split at 0.5; any coverage counts when nothing reaches 0.5)."""
+    return (mask > 0.5).float() if bool((mask > 0.5).any()) else (mask > 0).float()
 
 
 def _reach(tight: torch.Tensor) -> int:
@@ -95,7 +106,7 @@ def style_distance(result: torch.Tensor, style: torch.Tensor, tight: torch.Tenso
     images' CIE-Lab values when already computed.
     """
     ring = style_ring(tight, loose)
-    half_a, half_b = split_halves(ring, tight[0, 0] > 0.5)
+    half_a, half_b = split_halves(ring)
     sets = {"region": tight[0, 0], "ring": ring.float(), "half_a": half_a.float(), "half_b": half_b.float()}
     labs = labs or (None, None)
     distance = baseline = 0.0
@@ -105,7 +116,7 @@ def style_distance(result: torch.Tensor, style: torch.Tensor, tight: torch.Tenso
         spread = samples["ring"].std(dim=1) + SPREAD_FLOOR
         distance += sliced_distance(samples["region"], samples["ring"], spread)
         baseline += sliced_distance(samples["half_a"], samples["half_b"], spread)
-    return float(distance / max(baseline, EPS))
+    return float(distance / max(baseline, BASELINE_FLOOR * (1 + len(PYRAMID_SCALES))))
 
 
 def random_filters() -> list[torch.Tensor]:
@@ -175,12 +186,14 @@ def _quantiles(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 def style_ring(tight: torch.Tensor, loose: torch.Tensor | None = None) -> torch.Tensor:
     """Return the ring (H, W) bool of painting around the region: outside the tight mask grown by RING_GAP (or
     outside ``loose``), inside it grown by the ring width (max of RING_MIN_WIDTH and a fraction of the region's
-    equivalent radius). Falls back to the whole painting outside the inner edge when the ring is too small."""
+    equivalent radius). Falls back to all the painting outside the inner edge, then outside the tight mask, then the
+    whole painting, when the ring has fewer than MIN_PIXELS pixels."""
     inner = _grow(tight, RING_GAP) if loose is None else torch.maximum(loose, tight)
-    ring = (_grow(inner, _ring_width(tight)) > 0.5) & (inner < 0.5)
-    if int(ring[0, 0].sum()) < MIN_PIXELS:
-        ring = inner < 0.5
-    return ring[0, 0]
+    candidates = ((_grow(inner, _ring_width(tight)) > 0.5) & (inner < 0.5), inner < 0.5, tight < 0.5)
+    for ring in candidates:
+        if int(ring.sum()) >= MIN_PIXELS:
+            return ring[0, 0]
+    return torch.ones_like(tight[0, 0], dtype=torch.bool)
 
 
 def _ring_width(tight: torch.Tensor) -> int:
@@ -188,31 +201,31 @@ def _ring_width(tight: torch.Tensor) -> int:
     return max(RING_MIN_WIDTH, round(RING_RADIUS_FRACTION * math.sqrt(float(tight.sum()) / math.pi)))
 
 
-def split_halves(ring: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return two disjoint halves (H, W) bool of ``ring``: the pixels on either side of the region's centroid, split
-    across the ring's longer extent (left/right for a wide ring, top/bottom for a tall one)."""
-    rows, cols = torch.nonzero(region, as_tuple=True)
-    ring_rows, ring_cols = torch.nonzero(ring, as_tuple=True)
-    if (ring_cols.max() - ring_cols.min()) >= (ring_rows.max() - ring_rows.min()):
-        coordinate, centre = torch.arange(ring.shape[1]).view(1, -1), cols.float().mean()
-    else:
-        coordinate, centre = torch.arange(ring.shape[0]).view(-1, 1), rows.float().mean()
-    first = ring & (coordinate < centre)
+def split_halves(ring: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return two disjoint halves (H, W) bool of ``ring`` with as many pixels each: split across the ring's longer
+    extent (left/right for a wide ring, top/bottom for a tall one), i.e. on either side of the region."""
+    rows, cols = torch.nonzero(ring, as_tuple=True)
+    along = cols if (cols.max() - cols.min()) >= (rows.max() - rows.min()) else rows
+    order = torch.argsort(along * ring.shape[0] * ring.shape[1] + rows * ring.shape[1] + cols)  # ties: raster order
+    first = torch.zeros_like(ring)
+    first[rows[order[: len(order) // 2]], cols[order[: len(order) // 2]]] = True
     return first, ring & ~first
 
 
 # ---------------------------------------------------------------------------------------------------- structure
 
 
-def structure_kept(result_lightness: torch.Tensor, content_lightness: torch.Tensor, tight: torch.Tensor) -> float:
+def structure_kept(result_lightness: torch.Tensor, content_lightness: torch.Tensor, tight: torch.Tensor, *,
+                   erode: int = STRUCTURE_ERODE) -> float:
     """Return the structure kept in [0, 1] (higher is better) from the two images' L* (1, 1, H, W) in [0, 100].
 
-    At each of STRUCTURE_SIGMAS: the correlation of the two gradient magnitudes over the mask eroded by
-    STRUCTURE_ERODE px, the images being smoothed inside the mask only (normalised convolution), so that nothing
-    outside the object (the painting around it, the seam) leaks in; negative correlations count as 0. The mean
-    over the scales.
+    At each of STRUCTURE_SIGMAS: the correlation of the two gradient magnitudes over the mask eroded by ``erode``
+    px (STRUCTURE_ERODE, plus the width of one input pixel when the input was upsampled to ANALYSIS_SIZE), the images
+    being smoothed inside the mask only (normalised convolution), so that nothing outside the object (the painting
+    around it, the seam) leaks in; negative correlations count as 0. The mean over the scales where the composite
+    has structure (a flat object has nothing to lose: 1).
     """
-    inside = _shrink(tight, STRUCTURE_ERODE)[0, 0] > 0.5
+    inside = _shrink(tight, erode)[0, 0] > 0.5
     if int(inside.sum()) < MIN_PIXELS:
         inside = tight[0, 0] > 0.5
     scores = []
@@ -220,11 +233,13 @@ def structure_kept(result_lightness: torch.Tensor, content_lightness: torch.Tens
         weight = _blur(tight, sigma) + EPS
         ours, theirs = (_gradient(_blur(image * tight, sigma) / weight, 0.0).square().sum(dim=2).sqrt()[0, 0][inside]
                         for image in (result_lightness, content_lightness))
-        scores.append(max(0.0, _correlation(ours, theirs)))
-    return float(sum(scores) / len(scores))
+        if theirs.numel() > 1 and float(theirs.std()) > FLAT:  # else no structure at this scale: not counted
+            scores.append(max(0.0, _correlation(ours, theirs)) if float(ours.std()) > FLAT else 0.0)
+    return float(sum(scores) / len(scores)) if scores else 1.0
 
 
 def _correlation(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Pearson correlation in [-1, 1] of two 1-D tensors (0 when either is constant)."""
     first, second = first - first.mean(), second - second.mean()
     return float((first * second).sum() / ((first.square().sum() * second.square().sum()).sqrt() + EPS))
 
@@ -233,13 +248,21 @@ def _correlation(first: torch.Tensor, second: torch.Tensor) -> float:
 
 
 def seam_visibility(result: torch.Tensor, style: torch.Tensor, tight: torch.Tensor) -> float:
-    """Return the seam strength (>= 0, about 1 = as strong as the painting's own edges there; lower is better)."""
+    """Return the seam strength (>= 0; about 1 = no stronger than the painting's own edges there; lower is better).
+
+    In the band of SEAM_BAND px either side of the mask's boundary (the image border is no boundary): the mean over
+    the band of the colour gradient's component normal to the boundary (RGB, summed over channels, Gaussian
+    derivative of SEAM_SIGMA px) in ``result``, divided by the same in the painting (at least SEAM_FLOOR). 1 when
+    the mask has no boundary inside the image.
+    """
     band = ((_grow(tight, SEAM_BAND) - _shrink(tight, SEAM_BAND)) > 0.5)[0, 0]
+    if not bool(band.any()):
+        return 1.0
     normal = _gradient(tight, 2.0 * SEAM_BAND)[0, 0]  # (2, H, W): points across the boundary
     normal = normal / (normal.square().sum(dim=0, keepdim=True).sqrt() + EPS)
-    across = [(_gradient(image, SEAM_SIGMA)[0] * normal).sum(dim=1).abs().sum(dim=0)[band].mean()
+    across = [float((_gradient(image, SEAM_SIGMA)[0] * normal).sum(dim=1).abs().sum(dim=0)[band].mean())
               for image in (result, style)]
-    return float(across[0] / (across[1] + EPS))
+    return across[0] / max(across[1], SEAM_FLOOR)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -213,6 +213,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return supervise(args.pool, parse_gpus(args.gpus), coordinator=args.coordinator)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``harmonize plan MANIFEST --out URI``: per row and stage cached/new/stale with the reason, and the total."""
+    from manifests import RunSettings, validate_manifest
+    from tasks.backbones import backbone_spec
+
+    from .harmonize import check_report, input_index
+    from .plan import plan_run
+
+    preflight(args.manifest, args)
+    run = RunSettings(preset=args.preset, overrides=_run_overrides(args)).with_overrides(
+        backbone=args.backbone, weights=args.weights)
+    report = validate_manifest(args.manifest, run, strict_warnings=args.strict, index=input_index(args.out))
+    check_report(report, strict=False)
+    weights = backbone_spec(report.items[0].config, "cpu")["digest"] if report.items else ""
+    device_type = "cpu" if args.device == "cpu" else _device_type(args.device)
+    plan = plan_run(report, args.out, weights, device_type)
+    print(plan.to_json() if args.json else plan.table(everything=args.all))
+    return EXIT_OK
+
+
+def _device_type(device: str) -> str:
+    from harmonize_core.vgg import resolve_device
+
+    return resolve_device(device).type
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``harmonize report --out URI [--run ID]``: rebuild a run's report from storage; print its location."""
     from harmonize_core.errors import InputError
@@ -271,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only-failed", metavar="SUMMARY", help="rerun only the failed/invalid items of a summary.csv")
     _add_run_arguments(run)
     run.set_defaults(handler=cmd_run)
+
+    plan = sub.add_parser("plan", help="what a run would compute (cached/new/stale per row and stage, with the "
+                          "reason) and about how long, without computing anything")
+    plan.add_argument("manifest", help="CSV path or s3:// URI")
+    plan.add_argument("--out", required=True, help="output folder or s3:// prefix the run would write to")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--all", action="store_true", help="also list rows that are fully cached")
+    plan.add_argument("--strict", action="store_true", help="warnings count as errors")
+    add_config_arguments(plan)
+    plan.set_defaults(handler=cmd_plan, verbose=True)
 
     report = sub.add_parser("report", help="rebuild a run's HTML report from the output storage")
     report.add_argument("--out", required=True, help="output folder or s3:// prefix of the run")

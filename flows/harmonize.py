@@ -28,6 +28,7 @@ from tasks.stages import PROGRESS
 
 from .fanout import FanOut
 from .item import variant_items
+from .plan import plan_run
 from .progress import RunProgress
 from .shard import ITEMS_IN_FLIGHT, run_items_here
 from .summary import COMPLETED, counts, invalid_rows, publish_artifact, update_status
@@ -141,6 +142,8 @@ def harmonize_manifest(
         storage_ref = prepare_result_storage(out)
         logger.info("backbone %s, weights %s (sha256 %s...); stage cache records in %s", spec["name"],
                     spec["weights"], spec["digest"][:12], storage_ref, extra=PROGRESS)
+        device_type = "cpu" if target == "cpu" else ("cuda" if pool else resolve_device(target).type)
+        logger.info("%s", plan_run(report, out, spec["digest"], device_type).total_line(), extra=PROGRESS)
         if pool:
             FanOut(out, run_id, spec, target, pool, progress).run(records, shard_size)
         else:

@@ -84,18 +84,32 @@ def key_section(config: HarmonizeConfig, stage: str) -> dict[str, Any]:
     return section
 
 
+def key_payload(stage: str, digests: dict[str, str], config: HarmonizeConfig, weights_digest: str | None = None,
+                code: str | None = None) -> dict[str, Any]:
+    """Return everything ``stage``'s cache key is made of (also recorded in its metrics, so ``harmonize plan`` can
+    say what changed). ``code`` defaults to the installed core's digest for the stage (``tasks.code_digest``)."""
+    return {"schema": CACHE_SCHEMA, "code": code or installed_code_digests()[stage], "stage": stage,
+            "inputs": dict(sorted(digests.items())), "config": key_section(config, stage),
+            "weights": weights_digest if stage in ("pass1", "pass2") else None}
+
+
+def key_from_payload(payload: dict[str, Any]) -> str:
+    """Return the ``<stage>-<hex sha256>`` cache key of a ``key_payload``."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return f"{payload['stage']}-{hashlib.sha256(text.encode()).hexdigest()}"
+
+
 def stage_cache_key(stage: str, digests: dict[str, str], config: HarmonizeConfig,
                     weights_digest: str | None = None, code: str | None = None) -> str:
-    """Return the ``<stage>-<hex sha256>`` cache key of one stage run (see the module docstring for what goes in).
+    """Return the ``<stage>-<hex sha256>`` cache key of one stage run (see the module docstring for what goes in)."""
+    return key_from_payload(key_payload(stage, digests, config, weights_digest, code))
 
-    ``code`` is the stage's code digest; by default that of the installed core (``tasks.code_digest``).
-    """
-    code = code or installed_code_digests()[stage]
-    payload = {"schema": CACHE_SCHEMA, "code": code, "stage": stage,
-               "inputs": dict(sorted(digests.items())), "config": key_section(config, stage),
-               "weights": weights_digest if stage in ("pass1", "pass2") else None}
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()}"
+
+def task_key_payload(stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Return the key payload of a stage task called with ``inputs`` (its keyword arguments)."""
+    config = config_from_dict(inputs["item"]["config"])
+    backbone = inputs.get("backbone") or {}
+    return key_payload(stage, input_digests(stage, inputs), config, backbone.get("digest"))
 
 
 def input_digests(stage: str, inputs: dict[str, Any]) -> dict[str, str]:
@@ -115,9 +129,7 @@ class StageCache(CachePolicy):
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         """Return the stage's content-addressed key (ignores ``out``, ``device`` and the item id)."""
-        config = config_from_dict(inputs["item"]["config"])
-        backbone = inputs.get("backbone") or {}
-        return stage_cache_key(self.stage, input_digests(self.stage, inputs), config, backbone.get("digest"))
+        return key_from_payload(task_key_payload(self.stage, inputs))
 
 
 def stage_policy(stage: str, out: str) -> StageCache:

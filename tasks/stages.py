@@ -33,7 +33,7 @@ from harmonize_core.images import decode_image, decode_mask, decode_png_exact, e
 
 from . import storage
 from .backbones import load_for_task
-from .caching import StageCache, config_from_dict
+from .caching import StageCache, config_from_dict, task_key_payload
 from .gpu import exclusive_device, free_device_memory, guard_cuda, is_out_of_memory, worker_name
 
 GPU_TAG = "gpu"
@@ -152,10 +152,16 @@ def metrics_for_item(metrics: dict[str, Any], item: dict[str, Any]) -> bytes:
     return json.dumps({**metrics, **extra}, indent=2, sort_keys=True, default=str).encode()
 
 
-def save_stage(out: str, item: dict[str, Any], output: core.StageOutput, stage: str) -> dict[str, Any]:
-    """Write the stage's PNG and metrics as content-addressed objects and as the item's copies; return the record."""
+def save_stage(out: str, item: dict[str, Any], output: core.StageOutput, stage: str,
+               **key_inputs: Any) -> dict[str, Any]:
+    """Write the stage's PNG and metrics as content-addressed objects and as the item's copies; return the record.
+
+    ``key_inputs`` are the task's upstream records and backbone: the metrics record what the cache key was made of
+    (``cache``), which ``harmonize plan`` compares with a manifest's current state to say why a stage is stale.
+    """
     png = encode_png(output.image)
-    metrics = {**output.metrics, "inputs": {k: v["sha256"] for k, v in item["files"].items()}}
+    metrics = {**output.metrics, "inputs": {k: v["sha256"] for k, v in item["files"].items()},
+               "cache": task_key_payload(stage, {"item": item, **key_inputs})}
     metrics_json = json.dumps(metrics, indent=2, sort_keys=True, default=str).encode()
     digest, metrics_digest = storage.sha256_bytes(png), storage.sha256_bytes(metrics_json)
     uri, metrics_uri = storage.object_uri(out, digest, "png"), storage.object_uri(out, metrics_digest, "json")
@@ -207,14 +213,14 @@ def pass1(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any],
     network = load_for_task(backbone, device)
     with exclusive_device(device), guard_cuda():
         output = core.pass1(inputs, load_stage_image(loose, device), network, config, progress_logger(item["id"]))
-    return save_stage(out, item, output, "pass1")
+    return save_stage(out, item, output, "pass1", loose=loose, backbone=backbone)
 
 
 @stage_task("blend")
 def blend(item: dict[str, Any], pass1: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write pass 1's image feathered into the painting (``blend.png``) and return its record."""
     inputs, config = load_inputs(item, device)
-    return save_stage(out, item, core.blend(load_stage_image(pass1, device), inputs, config), "blend")
+    return save_stage(out, item, core.blend(load_stage_image(pass1, device), inputs, config), "blend", pass1=pass1)
 
 
 @stage_task("pass2", gpu=True)
@@ -226,7 +232,7 @@ def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], 
     with exclusive_device(device), guard_cuda():
         output = core.pass2(inputs, load_stage_image(loose, device), load_stage_image(blended, device), network,
                             config, progress_logger(item["id"]))
-    return save_stage(out, item, output, "pass2")
+    return save_stage(out, item, output, "pass2", loose=loose, blended=blended, backbone=backbone)
 
 
 @stage_task("reconstruct", gpu=True)
@@ -235,7 +241,7 @@ def reconstruct(item: dict[str, Any], pass2: dict[str, Any], out: str, device: s
     inputs, config = load_inputs(item, device)
     with exclusive_device(device), guard_cuda():
         output = core.reconstruct(load_stage_image(pass2, device), inputs, config)
-    return save_stage(out, item, output, "reconstruct")
+    return save_stage(out, item, output, "reconstruct", pass2=pass2)
 
 
 STAGE_TASKS = {"dilate": dilate, "pass1": pass1, "blend": blend, "pass2": pass2, "reconstruct": reconstruct}

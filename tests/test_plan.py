@@ -1,0 +1,121 @@
+"""Curators' tools around a run: the plan before it, tau variants, extra columns, the report and status.csv after it."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
+
+from flows.cli import main
+from flows.harmonize import harmonize_manifest, input_index
+from flows.plan import CACHED, NEW, STALE, plan_run
+from flows.summary import STATUS_NAME, read_summary, rerun_ids
+from harmonize_core.stages import STAGES
+from manifests import RunSettings, validate_manifest
+from tasks.backbones import backbone_spec
+
+FLAGS = ["--backbone", TEST_BACKBONE, "--weights", TEST_WEIGHTS, "--device", "cpu"]
+
+
+def run(manifest: Path, out: Path, **options):
+    state = harmonize_manifest(manifest=str(manifest), out=str(out), backbone=TEST_BACKBONE, weights=TEST_WEIGHTS,
+                               device="cpu", return_state=True, **options)
+    return state.result(raise_on_failure=False)
+
+
+def plan_of(manifest: Path, out: Path, **overrides):
+    settings = RunSettings(preset="paper", overrides=overrides).with_overrides(backbone=TEST_BACKBONE,
+                                                                             weights=TEST_WEIGHTS)
+    report = validate_manifest(str(manifest), settings, index=input_index(str(out)))
+    digest = backbone_spec(report.items[0].config, "cpu")["digest"]
+    return plan_run(report, str(out), digest)
+
+
+def statuses(plan) -> dict[tuple[str, str], dict[str, tuple[str, str]]]:
+    return {(item.id, item.variant): {s.stage: (s.status, s.reason) for s in item.stages} for item in plan.items}
+
+
+def test_a_plan_names_what_an_edit_recomputes_and_why_without_computing(prefect_api, tiny_manifest, tmp_path):
+    out = tmp_path / "out"
+    fresh = plan_of(tiny_manifest, out)
+    assert {s for stages in statuses(fresh).values() for s, _ in stages.values()} == {NEW}
+    assert "2 output(s) of 2 to compute" in fresh.total_line() and "about" in fresh.total_line()
+    run(tiny_manifest, out)
+    again = plan_of(tiny_manifest, out)
+    assert {s for stages in statuses(again).values() for s, _ in stages.values()} == {CACHED}
+    assert again.total_line().endswith("everything is cached")
+
+    lines = tiny_manifest.read_text().splitlines()
+    lines[2] = lines[2].replace(",48,3,3", ",48,3,4")  # row b: pass2_iters 3 -> 4
+    tiny_manifest.write_text("\n".join(lines) + "\n")
+    prefect_api.clear()
+    edited = statuses(plan_of(tiny_manifest, out))
+    assert prefect_api.runs() == []  # planning computes nothing
+    assert {s: v[0] for s, v in edited[("a", "")].items()} == dict.fromkeys(STAGES, CACHED)
+    b = edited[("b", "")]
+    assert [b[s][0] for s in ("dilate", "pass1", "blend")] == [CACHED] * 3
+    assert b["pass2"] == (STALE, "setting pass2.iterations 3 -> 4")
+    assert b["reconstruct"] == (STALE, "upstream pass2 recomputes")
+
+    (tiny_manifest.parent / "a" / "mask.png").write_bytes((tiny_manifest.parent / "b" / "mask.png").read_bytes())
+    changed = statuses(plan_of(tiny_manifest, out))[("a", "")]
+    assert changed["dilate"] == (STALE, "input mask changed")
+    assert changed["pass1"] == (STALE, "upstream dilate recomputes")
+
+
+def test_tau_variants_share_pass1_and_each_get_a_pass2(prefect_api, tmp_path):
+    manifest = make_dataset(tmp_path / "data", ids=("a",))
+    lines = manifest.read_text().splitlines()
+    manifest.write_text(f"{lines[0]},tau,notes\n{lines[1]},1;5,from the attic\n")
+    out = tmp_path / "out"
+    result = run(manifest, out)
+    assert isinstance(result, dict), result
+    assert sorted(prefect_api.runs()) == sorted([("dilate", "a"), ("pass1", "a"), ("blend", "a"), ("pass2", "a"),
+                                                 ("pass2", "a"), ("reconstruct", "a"), ("reconstruct", "a")])
+    rows = {r["variant"]: r for r in read_summary(result["summary"])}
+    assert set(rows) == {"tau-1", "tau-5"} and {r["id"] for r in rows.values()} == {"a"}
+    assert [float(rows[v]["tau"]) for v in ("tau-1", "tau-5")] == [1.0, 5.0]
+    assert rows["tau-1"]["final_uri"] == str(out / "a" / "tau-1" / "reconstruct.png")
+    assert rows["tau-1"]["pass1_uri"] == rows["tau-5"]["pass1_uri"] == str(out / "a" / "pass1.png")
+    assert rows["tau-1"]["notes"] == "from the attic"  # an extra manifest column reaches the summary
+    assert all((out / "a" / v / f"{s}.png").is_file() for v in rows for s in ("pass2", "reconstruct"))
+    status = {(r["id"], r["variant"]): r for r in read_summary(str(out / STATUS_NAME))}
+    assert set(status) == {("a", "tau-1"), ("a", "tau-5")} and status[("a", "tau-1")]["status"] == "completed"
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("src", "href") and value]
+
+
+def test_a_run_ends_with_its_report_and_status_and_only_failed_takes_status_csv(prefect_api, tmp_path, capsys):
+    manifest = make_dataset(tmp_path / "data", ids=("good", "bad"))
+    mask = manifest.parent / "bad" / "mask.png"
+    saved = mask.read_bytes()
+    mask.write_bytes(b"broken")
+    out = tmp_path / "out"
+    assert main(["run", str(manifest), "--out", str(out), *FLAGS]) == 1
+    err = capsys.readouterr().err
+    report = Path(err.split("report: ")[-1].strip())
+    assert report.is_file() and report.name == "report.html"
+    parser = _Links()
+    parser.feed(report.read_text())
+    files = [link for link in parser.links if not link.startswith(("#", "http"))]
+    assert files and all((report.parent / link.split("#")[0]).resolve().exists() for link in files)
+    status = out / STATUS_NAME
+    assert {r["id"]: r["status"] for r in read_summary(str(status))} == {"good": "completed", "bad": "invalid"}
+    assert rerun_ids(str(status)) == ["bad"]
+    mask.write_bytes(saved)
+    prefect_api.clear()
+    assert main(["run", str(manifest), "--out", str(out), "--only-failed", str(status), *FLAGS]) == 0
+    assert {i for _, i in prefect_api.runs()} == {"bad"}
+    assert {r["id"]: r["status"] for r in read_summary(str(status))} == {"good": "completed", "bad": "completed"}
+    capsys.readouterr()
+    assert main(["plan", str(manifest), "--out", str(out), "--json", *FLAGS]) == 0
+    assert json.loads(capsys.readouterr().out)["total"].endswith("everything is cached")

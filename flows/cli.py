@@ -26,7 +26,7 @@ QUIET_ENV = {
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 RUN_OVERRIDES = ("tau", "size", "pass1_iters", "pass2_iters", "max_seconds")  # run-level defaults rows may override
 DEMO_OUT = "demo-out"
-DEMO_BACKBONE, DEMO_WEIGHTS = "vgg16", "offline-vgg16"
+DEMO_PRESET, DEMO_BACKBONE, DEMO_WEIGHTS = "quick", "vgg16", "offline-vgg16"  # the demo's small settings, explicitly
 
 
 def _configure_environment(verbose: bool) -> None:
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="make a small procedural dataset and harmonize it (quick preset)")
     demo.add_argument("--out", default=DEMO_OUT, help=f"folder for inputs and results (default ./{DEMO_OUT})")
     _add_run_arguments(demo)
-    demo.set_defaults(handler=cmd_demo, backbone=DEMO_BACKBONE, weights=DEMO_WEIGHTS)
+    demo.set_defaults(handler=cmd_demo, preset=DEMO_PRESET, backbone=DEMO_BACKBONE, weights=DEMO_WEIGHTS)
     return parser
 
 

@@ -118,6 +118,7 @@ def harmonize_manifest(
     Raises ``ManifestError`` for an unusable manifest and ``ItemsFailed`` when any item failed or was invalid.
     """
     from harmonize_core.vgg import resolve_device
+    from harmonize_core.weights import describe_network
 
     logger = get_run_logger()
     run = RunSettings(preset=preset, overrides=dict(overrides or {})).with_overrides(backbone=backbone,
@@ -140,8 +141,8 @@ def harmonize_manifest(
         target = device if pool else str(resolve_device(device))
         spec = backbone_spec(report.items[0].config, "cpu" if pool else target)  # one network per run
         storage_ref = prepare_result_storage(out)
-        logger.info("backbone %s, weights %s (sha256 %s...); stage cache records in %s", spec["name"],
-                    spec["weights"], spec["digest"][:12], storage_ref, extra=PROGRESS)
+        logger.info("%s (sha256 %s...); stage cache records in %s", describe_network(spec["name"], spec["weights"]),
+                    spec["digest"][:12], storage_ref, extra=PROGRESS)
         device_type = "cpu" if target == "cpu" else ("cuda" if pool else resolve_device(target).type)
         logger.info("%s", plan_run(report, out, spec["digest"], device_type).total_line(), extra=PROGRESS)
         if pool:

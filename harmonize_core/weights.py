@@ -487,3 +487,36 @@ _LOADERS: dict[str, Callable[[WeightsEntry], LoadedWeights]] = {
     "torch-hub": _load_torch_hub,
     "onnx-wheel": _load_onnx_wheel,
 }
+
+
+# --- the paper preset's network -------------------------------------------------------------------------------------
+
+CAFFE_VGG19_ENV = "HARMONIZE_CAFFE_VGG19"  # a Caffe VGG19 state dict (local path or s3:// URI) for the paper preset
+CAFFE_VGG19_FILE = "vgg19-caffe.pth"  # ... or this file in the weights cache directory
+
+
+def default_caffe_vgg19() -> str | None:
+    """Return the configured Caffe VGG19 weights (``$HARMONIZE_CAFFE_VGG19``, else ``<cache>/vgg19-caffe.pth`` when
+    it exists) as a weights source with the ``#caffe`` convention, or None when none is configured."""
+    configured = os.environ.get(CAFFE_VGG19_ENV, "").strip()
+    if not configured:
+        candidate = cache_dir() / CAFFE_VGG19_FILE
+        configured = str(candidate) if candidate.is_file() else ""
+    if not configured:
+        return None
+    return configured if configured.endswith(f"{CONVENTION_MARK}caffe") else f"{configured}{CONVENTION_MARK}caffe"
+
+
+def describe_network(arch: str, weights: str) -> str:
+    """Return one line saying which network a run uses and what that means for the paper's loss weights."""
+    source = weights.strip()
+    if source.startswith(RANDOM_PREFIX):
+        return f"network: {arch.upper()} with random weights ({source}; for tests only, never a real result)"
+    if source == "imagenet":
+        return (f"network: {arch.upper()} with torchvision's ImageNet weights; their normalised input makes pass 1's "
+                "Caffe-tuned loss weights (5 / 100 / 1e-3) balance differently (docs/algorithm.md section 7); "
+                f"for the paper's balance use a Caffe VGG19 ({CAFFE_VGG19_ENV}=FILE or --weights FILE#caffe)")
+    if source.startswith(OFFLINE_VGG16.name):
+        return ("network: VGG16 with the offline ImageNet weights (Caffe convention, the one the paper's loss weights "
+                f"were tuned on); for the paper's VGG19 set {CAFFE_VGG19_ENV}=FILE or pass --weights FILE#caffe")
+    return f"network: {arch.upper()} with the weights in {source}"

@@ -37,14 +37,19 @@ def test_every_field_has_a_default_and_a_help_text(name, field):
     assert field.metadata.get("help"), f"{name} has no help text citing its source"
 
 
-def test_overrides_name_real_fields_and_presets_apply():
+def test_overrides_name_real_fields_and_presets_apply(monkeypatch, tmp_path):
+    monkeypatch.delenv("HARMONIZE_CAFFE_VGG19", raising=False)
+    monkeypatch.setenv("HARMONIZE_CACHE_DIR", str(tmp_path))
     for flat in OVERRIDE_FIELDS:
         for dotted in override_targets(flat):
             section, name = dotted.split(".")
             assert name in {f.name for f in dataclasses.fields(getattr(HarmonizeConfig(), section))}, flat
     deadline = apply_overrides(HarmonizeConfig(), {"max_seconds": "90"})  # one flag bounds both passes
     assert (deadline.pass1.max_seconds, deadline.pass2.max_seconds) == (90.0, 90.0)
-    assert preset("paper") == HarmonizeConfig()
+    paper = preset("paper")
+    assert paper == HarmonizeConfig() and (paper.sizing.size, paper.pass1.iterations, paper.pass2.iterations) == (
+        700, 1000, 1000)
+    assert (paper.backbone.name, paper.backbone.weights) == ("vgg16", "offline-vgg16")  # no Caffe VGG19 configured
     quick = preset("quick")
     assert (quick.sizing.size, quick.backbone.name, quick.backbone.weights) == (256, "vgg16", "offline-vgg16")
     assert set(PRESETS) == {"paper", "quick"}
@@ -54,6 +59,40 @@ def test_overrides_name_real_fields_and_presets_apply():
     for bad in ({"tau": "-1"}, {"size": 8}, {"backbone": "resnet"}, {"nope": 1}):
         with pytest.raises(ValueError):
             apply_overrides(quick, bad)
+
+
+def test_the_paper_preset_takes_a_configured_caffe_vgg19_and_weights_pick_their_network(monkeypatch, tmp_path):
+    from harmonize_core.weights import CAFFE_VGG19_FILE, describe_network
+
+    monkeypatch.delenv("HARMONIZE_CAFFE_VGG19", raising=False)
+    monkeypatch.setenv("HARMONIZE_CACHE_DIR", str(tmp_path))
+    (tmp_path / CAFFE_VGG19_FILE).write_bytes(b"a state dict")  # the configured default location
+    paper = preset("paper").backbone
+    assert (paper.name, paper.weights) == ("vgg19", f"{tmp_path / CAFFE_VGG19_FILE}#caffe")
+    monkeypatch.setenv("HARMONIZE_CAFFE_VGG19", "s3://models/vgg19.pth")
+    assert preset("paper").backbone.weights == "s3://models/vgg19.pth#caffe"
+    assert preset("quick").backbone.name == "vgg16"  # the small preset keeps the offline network
+    # --weights without --backbone: the source says which network it is
+    assert apply_overrides(preset("quick"), {"weights": "imagenet"}).backbone.name == "vgg19"
+    assert apply_overrides(preset("quick"), {"weights": "/w/vgg.pth#caffe"}).backbone.name == "vgg19"
+    assert apply_overrides(preset("paper"), {"weights": "offline-vgg16"}).backbone.name == "vgg16"
+    assert apply_overrides(preset("paper"), {"weights": "random:0"}).backbone.name == "vgg19"  # kept
+    assert apply_overrides(preset("quick"), {"weights": "/w/v.pth", "backbone": "vgg16"}).backbone.name == "vgg16"
+    assert "pass 1's Caffe-tuned loss weights" in describe_network("vgg19", "imagenet")
+    assert "offline ImageNet weights" in describe_network("vgg16", "offline-vgg16")
+
+
+def test_the_core_estimates_cpu_time_from_pixels_and_iterations():
+    from harmonize_core.estimate import describe_seconds, item_seconds, stage_seconds, working_pixels
+
+    paper = preset("paper")
+    hours = item_seconds(paper, pixels=working_pixels(700, (564, 700)), threads=2) / 3600
+    assert 0.5 < hours < 2  # docs/performance.md: about 1.5 h per paper item on the 2-core reference CPU
+    quick = preset("quick")
+    assert stage_seconds(quick, "pass1", threads=2) < stage_seconds(paper, "pass1", threads=2) / 20
+    assert stage_seconds(paper, "pass1", threads=4) == pytest.approx(stage_seconds(paper, "pass1", threads=2) / 2)
+    assert item_seconds(paper, device_type="cuda") is None  # no GPU figures: no guess
+    assert [describe_seconds(s) for s in (42, 600, 9000)] == ["42 s", "10 min", "2.5 h"]
 
 
 def test_runtime_fields_never_change_a_stage_section():

@@ -159,24 +159,26 @@ def remap_histogram_searchsorted(feat: torch.Tensor, query: torch.Tensor, target
 
 
 @torch.no_grad()
-def histogram_loss_and_gradient(features: torch.Tensor, query: torch.Tensor,
-                                target: HistogramTarget) -> tuple[torch.Tensor, torch.Tensor]:
+def histogram_loss_and_gradient(features: torch.Tensor, query: torch.Tensor, target: HistogramTarget,
+                                count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (loss, d loss / d features at the ``query`` positions as ``(n, C)`` rows in raster order)
     of the histogram loss ``sum((F - R)^2) / numel`` with R = ``remap_histogram(F)`` held constant
     (neural_paint.lua HistLoss, L605-664). ``features`` is ``(1, C, H, W)`` in any memory layout.
 
     Outside ``query`` R = F, so the gradient ``2 (F - R) / numel`` is zero there and only the n masked rows are
-    formed: no full-size copy of F and no full-size gradient.
+    formed: no full-size copy of F and no full-size gradient. For the same reason a window of the map holding every
+    query position gives the same result when ``count`` (default ``features.numel()``) is the whole map's numel.
     """
     if features.dim() != 4 or features.shape[0] != 1:
         raise ValueError(f"expected features (1, C, H, W), got {tuple(features.shape)}")
+    count = features.numel() if count is None else count
     rows = features[0].permute(1, 2, 0)[query]  # (n, C): one row of channels per masked position
     _check_remap(features[0], query, target)
     ordered, order, remapped = remap_sorted(rows.t().to(target.cum.dtype).contiguous(), target)
     diff_sorted = (ordered - remapped).to(features.dtype)
-    loss = torch.linalg.vector_norm(diff_sorted) ** 2 / features.numel()
+    loss = torch.linalg.vector_norm(diff_sorted) ** 2 / count
     diff = torch.empty_like(diff_sorted).scatter_(1, order, diff_sorted)
-    return loss, diff.t().mul_(2.0 / features.numel())
+    return loss, diff.t().mul_(2.0 / count)
 
 
 @torch.no_grad()

@@ -75,11 +75,18 @@ def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.mean((features - target) ** 2)
 
 
-def content_loss_and_gradient(features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (``content_loss(features, target)``, its gradient ``2 (F - target) / numel``) in closed form."""
+def content_loss_and_gradient(features: torch.Tensor, target: torch.Tensor,
+                              count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (``content_loss(features, target)``, its gradient ``2 (F - target) / numel``) in closed form.
+
+    ``count``: the number of elements the mean runs over (default ``features.numel()``). A window of a map where
+    F = target outside the window (masked features and target) passes the whole map's count: same loss, and the
+    gradient on the window.
+    """
     diff = features - target
-    loss = torch.mean(diff**2)
-    return loss, diff.mul_(2.0 / diff.numel())
+    count = diff.numel() if count is None else count
+    loss = torch.sum(diff**2) / count
+    return loss, diff.mul_(2.0 / count)
 
 
 def histogram_loss(features: torch.Tensor, remapped: torch.Tensor) -> torch.Tensor:

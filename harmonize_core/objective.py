@@ -6,6 +6,11 @@ by the layer's soft mask, module after module (so at a tap with several modules 
 once per module) (neural_gram.lua L396-413, neural_paint.lua L537-539 / L592-594 / L656-658). A plain sum of
 losses cannot express that, so ``evaluate`` backpropagates segment by segment between taps and applies the rule at
 each tap. Finally the image gradient is multiplied by the loose mask, so pixels outside M+ never move (L244-246).
+
+Every module multiplies the gradient leaving it by the soft mask m, so at a tap the gradient handed to the network
+is zero wherever m is: the module chain runs on the window of m's support only (``window.Window``, a slice view),
+and terms that declare a ``windowed`` form compute their loss and gradient there too (the masked terms see
+``F * m``, zero outside it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import StageTimeoutError
+from .window import Window
 
 GRADIENT_EPS = 1e-8  # neural_paint.lua L537-539: g / (||g|| + 1e-8)
 
@@ -44,6 +50,10 @@ class Term:
     authors call ``gram:backward(masked_input, ...)``), so the mask is applied once, not twice.
     ``gradient``: optional closed form of ``fn``'s gradient, returning (raw loss as a 0-d tensor, d loss / d input)
     as a tensor shaped like the input or a ``SparseGradient``; without it the gradient is autograd's of ``fn``.
+    ``windowed``: optional form of ``gradient`` on the window of the tap's mask support: given the term's input
+    cropped to the ``Window`` (a view) and the window, it returns (the raw loss of the whole map as a 0-d tensor, the
+    gradient on the window: a window-shaped tensor or a ``SparseGradient`` whose ``where`` is window-shaped). Only
+    for terms whose loss and gradient depend on nothing outside the window (masked inputs, maskI rows).
     """
 
     name: str
@@ -53,11 +63,16 @@ class Term:
     masked_input: bool = False
     premask: bool = True  # pass 2: mask the own gradient before normalising (all but the histogram module)
     gradient: Callable[[torch.Tensor], tuple[torch.Tensor, OwnGradient]] | None = None
+    windowed: Callable[[torch.Tensor, Window], tuple[torch.Tensor, OwnGradient]] | None = None
 
 
 @dataclass
 class Problem:
-    """What an evaluation needs: the backbone, the terms, the soft mask per tap and the image-gradient mask."""
+    """What an evaluation needs: the backbone, the terms, the soft mask per tap and the image-gradient mask.
+
+    ``crop``: run each tap's loss maths on the window of its mask's support (``windows``, computed here once);
+    False runs it on the whole maps (the same results up to float summation order; kept for tests and benches).
+    """
 
     backbone: object
     terms: list[Term]
@@ -65,7 +80,9 @@ class Problem:
     image_mask: torch.Tensor
     normalize: bool
     autocast: bool = False
+    crop: bool = True
     taps: list[str] = field(init=False)
+    windows: dict[str, Window] = field(init=False)
 
     def __post_init__(self) -> None:
         from .vgg import TAPS
@@ -73,6 +90,9 @@ class Problem:
         indices = TAPS[self.backbone.arch]
         used = {t.layer for t in self.terms if t.layer != "image"}
         self.taps = sorted(used, key=indices.__getitem__)
+        masks = {name: self.layer_masks[name] for name in self.taps}
+        self.windows = {name: Window.of_support(mask) if self.crop else Window.whole(*mask.shape[-2:])
+                        for name, mask in masks.items()}
 
     def terms_at(self, layer: str) -> list[Term]:
         """Return the terms at ``layer`` (a tap or "image") in insertion order."""
@@ -109,6 +129,35 @@ def _at(where: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return factor[0, 0][where].unsqueeze(1)
 
 
+def _crop_gradient(own: OwnGradient, window: Window) -> OwnGradient:
+    """Return a whole-map gradient restricted to ``window``: a view of a dense one, the window's rows of a sparse one
+    (raster order within the window is raster order of the map, so the rows keep their order)."""
+    if window.is_whole:
+        return own
+    if isinstance(own, SparseGradient):
+        inside = torch.zeros_like(own.where)
+        window.crop(inside).fill_(True)
+        return SparseGradient(window.crop(own.where), own.values[inside[own.where]])
+    return window.crop(own)
+
+
+def _term_gradient(term: Term, window: Window, mask: torch.Tensor, inputs: Callable[[bool, bool], torch.Tensor],
+                   normalize: bool) -> tuple[torch.Tensor, OwnGradient, torch.Tensor | None]:
+    """Return (raw loss, own gradient on ``window``, the norm pass 2 divides it by or None) of one term at a tap.
+
+    ``inputs(masked, windowed)`` gives the term's input (``F`` or ``F * m``, whole or cropped). A term with a
+    ``windowed`` form runs on the window; any other runs on the whole map and its gradient is cropped afterwards
+    (after its norm, which for a term that is not premasked reads the whole gradient).
+    """
+    if term.windowed is not None:
+        loss, own = term.windowed(inputs(term.masked_input, True), window)
+        norm = _masked_norm(own, window.crop(mask) if term.premask else None) if normalize else None
+        return loss, own, norm
+    loss, own = _own_gradient(term, inputs(term.masked_input, False))
+    norm = _masked_norm(own, mask if term.premask else None) if normalize else None
+    return loss, _crop_gradient(own, window), norm
+
+
 def _accumulate(grad: torch.Tensor, own: OwnGradient, factor: torch.Tensor) -> torch.Tensor:
     """Add ``own * factor`` ((1, 1, H, W) factor, broadcast over channels) into ``grad`` in place; return it."""
     if isinstance(own, SparseGradient):
@@ -119,38 +168,54 @@ def _accumulate(grad: torch.Tensor, own: OwnGradient, factor: torch.Tensor) -> t
 
 
 def _through_modules(terms: list[Term], features: torch.Tensor, mask: torch.Tensor, normalize: bool,
-                     losses: dict[str, torch.Tensor], upstream: torch.Tensor | None) -> torch.Tensor:
-    """Return the gradient leaving a tap's loss modules.
+                     losses: dict[str, torch.Tensor], upstream: torch.Tensor | None,
+                     window: Window | None = None) -> torch.Tensor:
+    """Return the gradient leaving a tap's loss modules (shaped like ``features``).
 
     Backward visits them in reverse insertion order; each adds its own gradient (weighted, in pass 2 masked and
     L2-normalised) to the one coming down and multiplies the sum by the soft mask m. Unrolled, with k modules and
     module j (in visiting order) scaled by s_j: ``g = up m^k + sum_j s_j own_j m^(k - j + 1 + premask_j)``, which is
-    summed here in one pass per module instead of three (scale, add, mask).
+    summed here in one pass per module instead of three (scale, add, mask). Every summand carries m, so g is zero
+    outside ``window`` (which must hold m's support; default the whole map): the sum is formed on the window only.
     """
-    masked = features * mask if any(t.masked_input for t in terms) else None
+    if not terms:
+        return torch.zeros_like(features) if upstream is None else upstream.float()
+    window = window or Window.whole(*features.shape[-2:])
+    if upstream is None:
+        full = torch.zeros_like(features)
+    else:  # reuse the upstream gradient's memory: zero it outside the window, scale it inside
+        full = window.zero_outside_(upstream.float())
+    grad, cropped_mask = window.crop(full), window.crop(mask)
+    cache: dict[tuple[bool, bool], torch.Tensor] = {}
+
+    def inputs(masked: bool, windowed: bool) -> torch.Tensor:
+        if (masked, windowed) not in cache:
+            source = window.crop(features) if windowed else features
+            cache[masked, windowed] = source * (cropped_mask if windowed else mask) if masked else source
+        return cache[masked, windowed]
+
     visiting = list(reversed(terms))
-    powers = {1: mask}
+    powers = {1: cropped_mask}
 
     def power(n: int) -> torch.Tensor:
         if n not in powers:
-            powers[n] = power(n - 1) * mask
+            powers[n] = power(n - 1) * cropped_mask
         return powers[n]
 
     count = len(visiting)
-    if count == 0:
-        return torch.zeros_like(features) if upstream is None else upstream.float()
-    grad = torch.zeros_like(features) if upstream is None else upstream.float().mul_(power(count))
+    if upstream is not None:
+        grad.mul_(power(count))
     for j, term in enumerate(visiting, start=1):
-        loss, own = _own_gradient(term, masked if term.masked_input else features)
+        loss, own, norm = _term_gradient(term, window, mask, inputs, normalize)
         losses[term.name] = losses[term.name] + term.weight * loss if term.name in losses else term.weight * loss
         exponent = count - j + 1
         if normalize:
             exponent += int(term.premask)
-            scale = term.weight / (_masked_norm(own, mask if term.premask else None) + GRADIENT_EPS)
+            scale = term.weight / (norm + GRADIENT_EPS)
         else:
             scale = term.weight
         _accumulate(grad, own, power(exponent) * scale)
-    return grad
+    return full
 
 
 def evaluate(problem: Problem, x: torch.Tensor) -> tuple[float, dict[str, float], torch.Tensor]:
@@ -171,7 +236,7 @@ def evaluate(problem: Problem, x: torch.Tensor) -> tuple[float, dict[str, float]
             name = problem.taps[index]
             # Loss maths in fp32 even when the network runs in bf16.
             grad = _through_modules(problem.terms_at(name), raw[name].detach().float(), problem.layer_masks[name],
-                                    problem.normalize, losses, upstream)
+                                    problem.normalize, losses, upstream, problem.windows[name])
             below = raw[problem.taps[index - 1]] if index > 0 else x
             (upstream,) = torch.autograd.grad(raw[name], below, grad_outputs=grad.to(raw[name].dtype),
                                               retain_graph=index > 0)

@@ -68,7 +68,11 @@ def matched_gram_targets(
 
 def build_terms(config: HarmonizeConfig, content_target: torch.Tensor, grams: dict[str, torch.Tensor],
                 masks: dict[str, torch.Tensor]) -> list[Term]:
-    """Return pass 1's loss terms: content (unmasked value), masked Gram per style layer, TV on the image."""
+    """Return pass 1's loss terms: content (unmasked value), masked Gram per style layer, TV on the image.
+
+    The Gram terms also run on the window of their mask's support (``Term.windowed``: F * m is zero outside it);
+    the content term's value reads the whole map, so it runs there.
+    """
     cfg = config.pass1
     terms = [Term("content", cfg.content_layer, lambda f: content_loss(f, content_target), cfg.content_weight,
                   gradient=lambda f: content_loss_and_gradient(f, content_target))]
@@ -77,7 +81,9 @@ def build_terms(config: HarmonizeConfig, content_target: torch.Tensor, grams: di
         terms.append(Term(f"style_{name}", name,
                           lambda fm, target=target, mask=mask: style_loss(gram_of_masked(fm, mask), target),
                           cfg.style_weight, masked_input=True,
-                          gradient=lambda fm, target=target, mask=mask: style_loss_and_gradient(fm, mask, target)))
+                          gradient=lambda fm, target=target, mask=mask: style_loss_and_gradient(fm, mask, target),
+                          windowed=lambda fm, window, target=target, mask=mask: style_loss_and_gradient(
+                              fm, window.crop(mask), target)))
     terms.append(Term("tv", "image", total_variation, cfg.tv_weight))
     return terms
 

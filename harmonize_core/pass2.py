@@ -73,17 +73,25 @@ def build_terms(
     config: HarmonizeConfig, weights: dict[str, float], content_target: torch.Tensor,
     style_feats: dict[str, torch.Tensor], used: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
 ) -> list[Term]:
-    """Return pass 2's terms: content (relu4_1), masked Gram per style layer, histogram per hist layer, TV."""
+    """Return pass 2's terms: content (relu4_1), masked Gram per style layer, histogram per hist layer, TV.
+
+    Every feature term also runs on the window of its layer mask's support (``Term.windowed``): the content and
+    Gram terms see F * m, zero outside it, and maskI (m > 0.1) lies inside it.
+    """
     cfg = config.pass2
     masked_target = content_target * masks[cfg.content_layer]  # the content module compares F*m with target*m
     terms = [Term("content", cfg.content_layer, lambda fm: content_loss(fm, masked_target), weights["content"],
-                  masked_input=True, gradient=lambda fm: content_loss_and_gradient(fm, masked_target))]
+                  masked_input=True, gradient=lambda fm: content_loss_and_gradient(fm, masked_target),
+                  windowed=lambda fm, window: content_loss_and_gradient(fm, window.crop(masked_target),
+                                                                        masked_target.numel()))]
     for name in cfg.style_layers:
         target, mask = masked_gram(style_feats[name], used[name]), masks[name]
         terms.append(Term(f"style_{name}", name,
                           lambda fm, target=target, mask=mask: style_loss(gram_of_masked(fm, mask), target),
                           weights["style"], masked_input=True,
-                          gradient=lambda fm, target=target, mask=mask: style_loss_and_gradient(fm, mask, target)))
+                          gradient=lambda fm, target=target, mask=mask: style_loss_and_gradient(fm, mask, target),
+                          windowed=lambda fm, window, target=target, mask=mask: style_loss_and_gradient(
+                              fm, window.crop(mask), target)))
     for name in cfg.hist_layers:
         query = masks[name][0, 0] > HIST_MASK_THRESHOLD
         target = histogram_target(style_feats[name][0], used[name][0, 0] > 0, int(query.sum()), bins=cfg.hist_bins)
@@ -96,8 +104,14 @@ def build_terms(
             loss, rows = histogram_loss_and_gradient(f, query, target)
             return loss, SparseGradient(query, rows)
 
+        def hist_windowed(f, window, query=query, target=target):
+            inside = window.crop(query)  # the mean still runs over the whole map: query.numel() * C elements
+            loss, rows = histogram_loss_and_gradient(f, inside, target, query.numel() * f.shape[1])
+            return loss, SparseGradient(inside, rows)
+
         # HistLoss normalises I - R as is (zero outside maskI) and masks only after adding the upstream gradient.
-        terms.append(Term(f"hist_{name}", name, hist_fn, weights["hist"], premask=False, gradient=hist_gradient))
+        terms.append(Term(f"hist_{name}", name, hist_fn, weights["hist"], premask=False, gradient=hist_gradient,
+                          windowed=hist_windowed))
     terms.append(Term("tv", "image", total_variation, weights["tv"]))
     return terms
 

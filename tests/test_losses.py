@@ -130,3 +130,20 @@ def test_closed_form_content_gradient_equals_autograd():
     loss, grad = content_loss_and_gradient(features, target)
     ref_loss, ref_grad = _autograd(lambda f: content_loss(f, target), features)
     assert torch.allclose(loss, ref_loss, rtol=1e-12) and torch.allclose(grad, ref_grad, rtol=1e-12, atol=0)
+
+
+def test_content_gradient_on_a_window_with_the_whole_count_equals_the_whole_map():
+    """Masked features and target are zero outside the mask's window: the window with the whole map's count gives
+    the same loss and the same gradient there (pass 2's windowed content term)."""
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.zeros(1, 1, 12, 15)
+    mask[..., 3:9, 4:12] = torch.rand(6, 8, generator=generator)
+    features = torch.rand(1, 5, 12, 15, generator=generator) * mask
+    target = torch.rand(1, 5, 12, 15, generator=generator) * mask
+    loss, grad = content_loss_and_gradient(features, target)
+    rows, cols = slice(2, 10), slice(3, 13)
+    loss_window, grad_window = content_loss_and_gradient(features[..., rows, cols], target[..., rows, cols],
+                                                         features.numel())
+    assert float(loss_window) == pytest.approx(float(loss), rel=1e-6)
+    assert torch.allclose(grad_window, grad[..., rows, cols], rtol=1e-6, atol=0)
+    assert float(grad.abs().sum()) == pytest.approx(float(grad_window.abs().sum()), rel=1e-6)

@@ -161,3 +161,72 @@ def test_closed_form_and_sparse_gradients_equal_the_hook_reference(normalize, hi
     for name, value in values.items():
         assert value == pytest.approx(values_ref[name], rel=1e-5), name
     assert total == pytest.approx(sum(values.values()))
+
+
+def _windowed_problem(normalize: bool, crop: bool = True):
+    """``_closed_form_problem`` with soft masks that are zero outside a box (as the real layer masks are far from the
+    object) and every feature term's ``windowed`` form: content with the whole map's count, Gram on the cropped
+    mask, histogram on the cropped maskI."""
+    problem, x = _closed_form_problem(normalize)
+    masks = {}
+    for name, mask in problem.layer_masks.items():
+        height, width = mask.shape[-2:]
+        box = torch.zeros_like(mask)
+        box[..., height // 4: height * 3 // 4, width // 3: width - 2] = 1
+        masks[name] = mask * box
+    torch.manual_seed(6)
+    feats = {k: v.detach() for k, v in problem.backbone.extract(x, ["relu1_1", "relu2_1"]).items()}
+    query = masks["relu1_1"][0, 0] > 0.3
+    target = histogram_target(torch.rand(64, 32, 28) * 30, torch.rand(32, 28) < 0.5, n_query=int(query.sum()))
+    gram1, gram2 = (masked_gram(torch.rand_like(feats[k]) * 20, masks[k]) for k in ("relu1_1", "relu2_1"))
+    content = torch.rand_like(feats["relu2_1"]) * masks["relu2_1"]
+
+    def style(name, gram, weight):
+        mask = masks[name]
+        return Term(f"style_{name}", name, lambda fm: style_loss(gram_of_masked(fm, mask), gram), weight,
+                    masked_input=True, windowed=lambda fm, w: style_loss_and_gradient(fm, w.crop(mask), gram))
+
+    def hist_windowed(f, w):
+        loss, rows = histogram_loss_and_gradient(f, w.crop(query), target, query.numel() * f.shape[1])
+        return loss, SparseGradient(w.crop(query), rows)
+
+    terms = [Term("content", "relu2_1", lambda fm: content_loss(fm, content), 1.0, masked_input=True,
+                  windowed=lambda fm, w: content_loss_and_gradient(fm, w.crop(content), content.numel())),
+             style("relu2_1", gram2, 5.0), style("relu1_1", gram1, 5.0),
+             Term("hist", "relu1_1", lambda f: histogram_loss(f, remap_histogram(f[0], query, target).unsqueeze(0)),
+                  20.0, premask=False, windowed=hist_windowed),
+             Term("tv", "image", total_variation, 30.0)]
+    return Problem(problem.backbone, terms, masks, problem.image_mask, normalize=normalize, crop=crop), x
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_windowed_terms_equal_the_whole_map_evaluation_and_the_hook_reference(normalize):
+    problem, x = _windowed_problem(normalize)
+    whole, _ = _windowed_problem(normalize, crop=False)
+    assert all(w.area < w.height * w.width / 2 for w in problem.windows.values())
+    assert all(w.is_whole for w in whole.windows.values())
+    total, values, grad = evaluate(problem, x)
+    total_whole, values_whole, grad_whole = evaluate(whole, x)
+    reference = _hook_reference(problem, x)  # autograd of each term's fn on the whole maps
+    assert torch.allclose(grad, grad_whole, rtol=1e-5, atol=1e-6 * grad_whole.abs().max())
+    assert torch.allclose(grad, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
+    assert values == pytest.approx(values_whole, rel=1e-5)
+    assert total == pytest.approx(total_whole, rel=1e-5)
+
+
+def test_a_term_without_a_windowed_form_runs_on_the_whole_map_beside_windowed_ones():
+    """Terms without ``windowed`` (autograd of fn, whole map; a dense and a not-premasked one) at a cropped tap: their
+    gradient is cropped after its norm, which for the not-premasked term reads the whole map."""
+    problem, x = _windowed_problem(normalize=True)
+    dense = Term("dense", "relu1_1", lambda f: (f - 0.5 * f.detach()).square().sum() / f.numel(), 7.0, premask=False)
+    unmasked = Term("unmasked", "relu2_1", lambda f: f.square().mean(), 3.0)
+    terms = [*problem.terms[:1], unmasked, *problem.terms[1:3], dense, *problem.terms[3:]]
+    mixed = dataclasses.replace(problem, terms=terms)
+    whole = dataclasses.replace(mixed, crop=False)
+    _, values, grad = evaluate(mixed, x)
+    _, values_whole, grad_whole = evaluate(whole, x)
+    reference = _hook_reference(mixed, x)
+    assert not mixed.windows["relu1_1"].is_whole
+    assert torch.allclose(grad, grad_whole, rtol=1e-5, atol=1e-6 * grad_whole.abs().max())
+    assert torch.allclose(grad, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
+    assert values == pytest.approx(values_whole, rel=1e-5)

@@ -169,8 +169,29 @@ def test_closed_form_gradients_equal_autograd_of_the_real_terms(stages, backbone
         assert any(t.gradient is not None for t in problem.terms)
         x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 5  # content terms off zero
         total, values, grad = evaluate(problem, x)
-        plain = dataclasses.replace(problem, terms=[dataclasses.replace(t, gradient=None) for t in problem.terms])
+        plain = dataclasses.replace(problem, terms=[dataclasses.replace(t, gradient=None, windowed=None)
+                                                    for t in problem.terms])
         total_ref, values_ref, grad_ref = evaluate(plain, x)
         assert total == pytest.approx(total_ref, rel=1e-5)
         assert values == pytest.approx(values_ref, rel=1e-4)
         assert float((grad - grad_ref).norm() / grad_ref.norm()) < 1e-5
+
+
+def test_windowed_evaluation_equals_the_whole_map_evaluation_on_the_real_problems(stages, backbone, config):
+    """Each tap's loss maths on the window of its mask's support (``Problem.crop``, the default) gives the losses
+    and the image gradient of the same maths on the whole maps, on the real problems of both passes."""
+    inputs, loose, blended = stages[0], stages[1], stages[3]
+    first, x1, _ = pass1_problem(inputs.content, inputs.style, loose, backbone, config)
+    second, x2, _ = pass2_problem(inputs.content, inputs.style, loose, inputs.tight, blended.image, backbone, config,
+                                  tau=5.0)
+    for problem, x in ((first, x1), (second, x2)):
+        assert problem.crop and any(not w.is_whole for w in problem.windows.values())
+        assert all(t.windowed is not None for t in problem.terms if t.layer != "image" and t.masked_input)
+        x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(2)) * 5  # content terms off zero
+        total, values, grad = evaluate(problem, x)
+        whole = dataclasses.replace(problem, crop=False)
+        assert all(w.is_whole for w in whole.windows.values())
+        total_ref, values_ref, grad_ref = evaluate(whole, x)
+        assert total == pytest.approx(total_ref, rel=1e-6)
+        assert values == pytest.approx(values_ref, rel=1e-5)
+        assert float((grad - grad_ref).norm() / grad_ref.norm()) < 1e-6

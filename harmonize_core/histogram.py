@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 DEFAULT_BINS = 256  # cuda_utils.cu L23, neural_paint.lua L635
 HIST_EPS = 1e-8  # hist_remap2_kernel: (cdf - cdf_s) / (hist + 1e-8)
 FLAT_RANGE_PAD = 1.0  # histogram_kernel: min == max -> bins on [min - 1, max + 1]
+POSITION_BITS = 32  # a CPU sort key holds the value's order-preserving bits above the value's position in its row
+FLOAT_MAGNITUDE_BITS = 0x7FFFFFFF  # float32 bits without the sign
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,37 @@ def _remapped_values(bin_index: torch.Tensor, rank: torch.Tensor, target: Histog
     return target.vmin[:, None] + (bin_index.to(ratio.dtype) + ratio) * step[:, None]
 
 
+def _keyed_sort_order(values: torch.Tensor) -> torch.Tensor:
+    """Return the stable sort permutation (C, n) int64 of each row of float32 CPU ``values`` (finite, n < 2^32).
+
+    Each value becomes a unique int64 key: its float bits made order-preserving as a signed integer (negative
+    floats get their magnitude bits flipped; -0.0 is made 0.0 first, as it ties with 0.0 in a float sort) in the
+    high 32 bits, its position in the row in the low 32. Sorting unique keys needs no stability, so numpy's
+    (SIMD-accelerated) integer sort gives exactly the stable order; the position is read back from the low bits.
+    """
+    bits = (values.detach().cpu().numpy() + np.float32(0.0)).view(np.int32)  # a new array; -0.0 + 0.0 = 0.0
+    bits ^= (bits >> 31) & FLOAT_MAGNITUDE_BITS  # negative floats: larger magnitude -> smaller integer
+    keys = bits.astype(np.int64)
+    keys <<= POSITION_BITS
+    keys |= np.arange(values.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << POSITION_BITS) - 1
+    return torch.from_numpy(keys)
+
+
+def stable_sort_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (sorted values, permutation), each (C, n), equal to ``values.sort(dim=1, stable=True)`` for finite
+    values: ties (0.0 and -0.0 included) keep their order along the row.
+
+    float32 on the CPU: a sort of unique integer keys (``_keyed_sort_order``, 2.5-3x faster than torch's stable
+    sort on 64 x 70816 ReLU values); otherwise torch's stable sort.
+    """
+    if values.device.type != "cpu" or values.dtype != torch.float32 or values.shape[1] >= 2**POSITION_BITS:
+        return values.sort(dim=1, stable=True)
+    order = _keyed_sort_order(values)
+    return values.gather(1, order), order
+
+
 def remap_sorted(values: torch.Tensor, target: HistogramTarget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (sorted values, sort permutation, remapped values in sorted order), each ``(C, n)``, for the masked
     values ``(C, n)`` of one feature map (in ``target.cum``'s dtype).
@@ -113,7 +147,7 @@ def remap_sorted(values: torch.Tensor, target: HistogramTarget) -> tuple[torch.T
     cum[b-1] <= k < cum[b] (``bin_of_rank``) and to ``vmin + (b + ratio) * (vmax - vmin) / bins``
     (cuda_utils.cu hist_remap2_kernel L233-291).
     """
-    ordered, order = values.sort(dim=1, stable=True)
+    ordered, order = stable_sort_rows(values)
     rank = torch.arange(values.shape[1], dtype=values.dtype, device=values.device)[None, :]
     bin_index = bin_of_rank(target.cum, values.shape[1], target.bins)
     return ordered, order, _remapped_values(bin_index, rank, target)

@@ -261,9 +261,75 @@ class LbfgsSettings:
     tolerance_change: float
     log_every: int
     max_seconds: float = 0.0  # 0 = no limit; Prefect's timeout cannot interrupt a blocking CUDA call, this can
+    # Early stopping (ours, not the authors'): every ``stop_every`` evaluations the mean absolute image change over
+    # the loose mask since the previous check is measured; ``stop_patience`` checks in a row below ``stop_levels``
+    # (8-bit levels) end the pass there. 0 = off (the authors always run every iteration).
+    stop_levels: float = 0.0
+    stop_every: int = 50
+    stop_patience: int = 2
 
 
 EIGHT_BIT_LEVELS = 255.0  # image change is reported in 8-bit levels of the [0, 1] RGB image
+
+
+def mean_change(image: torch.Tensor, previous: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Return the mean and the largest absolute change between two [0, 1] images over the bool ``region``, in 8-bit
+    levels, as a (2,) tensor (zeros for an empty region)."""
+    if not bool(region.any()):
+        return torch.zeros(2)
+    change = (image - previous).abs()[region] * EIGHT_BIT_LEVELS
+    return torch.stack([change.mean(), change.max()])
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    """Intermediate images of one optimisation: for each evaluation count n in ``at``, ``keep(n, x, losses)``
+    receives the preprocessed image after n L-BFGS iterations (a detached clone (1, 3, H, W)) and its losses
+    ({term: value, "total": value}). L-BFGS's first n iterations do not depend on how many follow, so the image
+    equals the result of an n-iteration run with the same settings (bit for bit on a deterministic device); an n
+    beyond the run's end (its iterations, a tolerance or an early stop) receives the final image."""
+
+    at: tuple[int, ...]
+    keep: Callable[[int, torch.Tensor, dict[str, float]], None]
+
+
+class EarlyStopper:
+    """Decides when a pass stops improving the image (``LbfgsSettings.stop_levels``; ours, not the authors').
+
+    ``check(step, x)`` is called at every evaluation; every ``stop_every`` evaluations it measures the mean change
+    of the image over the loose mask since the previous check (8-bit levels) and returns True once ``stop_patience``
+    checks in a row were below ``stop_levels``. ``changes`` keeps [[step, levels], ...] of every check.
+    """
+
+    def __init__(self, problem: Problem, settings: LbfgsSettings) -> None:
+        self.settings = settings
+        self.preprocessing = problem.backbone.preprocessing
+        self.region = problem.image_mask > 0
+        self.previous: torch.Tensor | None = None
+        self.quiet = 0
+        self.changes: list[list[float]] = []
+
+    @property
+    def enabled(self) -> bool:
+        """Return whether early stopping is on."""
+        return self.settings.stop_levels > 0
+
+    def check(self, step: int, x: torch.Tensor) -> bool:
+        """Return True when the pass should stop at ``step`` (the image x is the result of ``step`` iterations)."""
+        if not self.enabled or step % max(1, self.settings.stop_every) != 0:
+            return False
+        image = self.preprocessing.deprocess(x.detach())
+        previous, self.previous = self.previous, image
+        if previous is None:
+            return False
+        levels = float(mean_change(image, previous, self.region)[0])
+        self.changes.append([step, round(levels, 5)])
+        self.quiet = self.quiet + 1 if levels < self.settings.stop_levels else 0
+        return self.quiet >= self.settings.stop_patience
+
+
+class _StopEarly(Exception):
+    """Raised inside the L-BFGS closure to end the optimisation at the current image."""
 
 
 class ProgressLog:
@@ -285,10 +351,9 @@ class ProgressLog:
     def _image_change(self, x: torch.Tensor) -> tuple[float, float]:
         image = self.preprocessing.deprocess(x.detach())
         previous, self.previous = self.previous, image
-        if previous is None or not bool(self.region.any()):
+        if previous is None:
             return 0.0, 0.0
-        change = (image - previous).abs()[self.region] * EIGHT_BIT_LEVELS
-        mean, peak = torch.stack([change.mean(), change.max()]).tolist()
+        mean, peak = mean_change(image, previous, self.region).tolist()
         return mean, peak
 
     def _relative(self, values: dict[str, float]) -> dict[str, float]:
@@ -310,17 +375,22 @@ class ProgressLog:
 
 
 def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, stage: str,
-             progress: Callable | None = None, event: Callable | None = None) -> tuple[torch.Tensor, dict]:
+             progress: Callable | None = None, event: Callable | None = None,
+             snapshots: Snapshots | None = None) -> tuple[torch.Tensor, dict]:
     """Return (optimised preprocessed image, metrics) after L-BFGS from ``x0``.
 
     metrics: ``curves`` {term: [[evaluation, value], ...]} every ``log_every`` evaluations (and the last), with
     ``total`` and ``image_change`` (mean 8-bit levels moved in the loose mask since the previous record) among
-    them; ``final`` {term: value}, ``evaluations``, ``seconds_per_evaluation``. ``event(step, total, losses, elapsed,
-    relative=..., image_change=..., image_change_max=...)`` builds the progress event passed to ``progress``.
+    them; ``final`` {term: value}, ``evaluations``, ``seconds_per_evaluation``; ``stopped_early`` (bool) and, when
+    early stopping is on, ``stopped_at`` (the iterations run, or None) and ``stop_changes`` [[evaluation, levels]].
+    ``event(step, total, losses, elapsed, relative=..., image_change=..., image_change_max=...)`` builds the
+    progress event passed to ``progress``. ``snapshots`` (optional) receives intermediate images (``Snapshots``).
     """
     x = x0.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     log = ProgressLog(problem)
-    state = {"evaluations": 0, "last": {}}
+    stopper = EarlyStopper(problem, settings)
+    wanted = sorted(set(snapshots.at)) if snapshots is not None else []
+    state = {"evaluations": 0, "last": {}, "stopped_at": None}
     started = time.perf_counter()
 
     def record(step: int, values: dict[str, float], total: float) -> None:
@@ -331,29 +401,45 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
 
     def closure() -> torch.Tensor:
         elapsed = time.perf_counter() - started
+        step = state["evaluations"]
         if settings.max_seconds > 0 and elapsed > settings.max_seconds:
-            raise StageTimeoutError(f"{stage}: stopped after {elapsed:.0f} s at evaluation {state['evaluations']} of "
+            raise StageTimeoutError(f"{stage}: stopped after {elapsed:.0f} s at evaluation {step} of "
                                     f"{settings.iterations} (limit {settings.max_seconds:g} s; raise max_seconds)")
+        if stopper.check(step, x):  # x is the result of ``step`` iterations: stop with it
+            state["stopped_at"] = step
+            raise _StopEarly
         total, values, grad = evaluate(problem, x)
         x.grad = grad.contiguous()
-        step = state["evaluations"]
         if step % max(1, settings.log_every) == 0:
             record(step, values, total)
+        if wanted and wanted[0] == step:
+            snapshots.keep(wanted.pop(0), x.detach().clone(), {**values, "total": total})
         state["evaluations"] = step + 1
         state["last"] = {**values, "total": total}
-        return torch.tensor(total, dtype=torch.float32)
+        # float64: L-BFGS's lack-of-progress test (|loss - previous| < tolerance_change) must see the change, as
+        # Torch7's double-precision lbfgs does; in float32 a loss of 1.8e8 moves in steps of 16, and a first step
+        # that changes it by less (bf16 pass 1 at 224 px: by 5) ended pass 1 after 2 evaluations.
+        return torch.tensor(total, dtype=torch.float64)
 
     if settings.iterations > 0:
         optimizer = torch.optim.LBFGS(
             [x], lr=settings.learning_rate, max_iter=settings.iterations,
             max_eval=max(settings.iterations * 5 // 4, settings.iterations + 1), history_size=settings.history_size,
             tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerance_change, line_search_fn=None)
-        optimizer.step(closure)
+        try:
+            optimizer.step(closure)
+        except _StopEarly:
+            pass
     # One more evaluation at the final image gives its true losses (L-BFGS's last step is not evaluated).
     total, values, _ = evaluate(problem, x)
     record(state["evaluations"], values, total)
+    for n in wanted:  # beyond the run's end: the final image
+        snapshots.keep(n, x.detach().clone(), {**values, "total": total})
     seconds = time.perf_counter() - started
     metrics = {"curves": log.curves, "final": {**values, "total": total}, "evaluations": state["evaluations"],
                "seconds_optimise": round(seconds, 4),
-               "seconds_per_evaluation": round(seconds / max(1, state["evaluations"] + 1), 5)}
+               "seconds_per_evaluation": round(seconds / max(1, state["evaluations"] + 1), 5),
+               "stopped_early": state["stopped_at"] is not None}
+    if stopper.enabled:
+        metrics.update(stopped_at=state["stopped_at"], stop_changes=stopper.changes)
     return x.detach(), metrics

@@ -25,7 +25,7 @@ from .losses import (
 )
 from .masks import propagate_mask
 from .matching import gather_targets, patch_cosine_match
-from .objective import LbfgsSettings, Problem, Term, optimise
+from .objective import LbfgsSettings, Problem, Snapshots, Term, optimise
 from .vgg import layer_plan
 
 FREE_MEMORY_SHARE = 0.5  # on CUDA a match chunk never takes more than half of the memory free at the time
@@ -115,13 +115,14 @@ def pass1_problem(
 
 def run_pass1(
     content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, backbone, config: HarmonizeConfig,
-    *, progress: Callable | None = None,
+    *, progress: Callable | None = None, snapshots: Snapshots | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Return (pass-1 image (1, 3, H, W) in [0, 1] on the CPU, unblended; metrics with loss curves and timings).
 
     ``content`` is the naive composite, ``style`` the painting (same size), ``loose`` the dilated mask, all in
     [0, 1] at working size. The image is optimised in the backbone's preprocessed space (Caffe units for Caffe
-    weights), as the authors do, so the absolute weights 5 / 100 / 1e-3 keep their meaning.
+    weights), as the authors do, so the absolute weights 5 / 100 / 1e-3 keep their meaning. ``snapshots`` (optional)
+    receives intermediate preprocessed images (``objective.Snapshots``).
     """
     from .stages import Iterate
 
@@ -131,9 +132,10 @@ def run_pass1(
     problem, x0, setup = pass1_problem(content, style, loose, backbone, config)
     setup_seconds = time.perf_counter() - started
     settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, cfg.tolerance_grad,
-                             cfg.tolerance_change, cfg.log_every, cfg.max_seconds)
+                             cfg.tolerance_change, cfg.log_every, cfg.max_seconds, cfg.stop_levels, cfg.stop_every,
+                             cfg.stop_patience)
     x, metrics = optimise(problem, x0, settings, stage="pass1", progress=progress,
-                          event=functools.partial(Iterate, "pass1"))
+                          event=functools.partial(Iterate, "pass1"), snapshots=snapshots)
     image = backbone.preprocessing.deprocess(x).clamp(0, 1).cpu()
     metrics.update(seconds_setup=round(setup_seconds, 4), **setup)
     return image, metrics

@@ -33,7 +33,7 @@ from .losses import (
 from .mapping import refine_mapping, upsample_used_mask, used_style_mask
 from .masks import nearest_resize
 from .matching import normalized_sum_match
-from .objective import LbfgsSettings, Problem, SparseGradient, Term, optimise
+from .objective import LbfgsSettings, Problem, Snapshots, SparseGradient, Term, optimise
 from .pass1 import layer_masks, match_budget
 
 HIST_MASK_THRESHOLD = 0.1  # neural_paint.lua L258-261: maskI = loose mask at the layer > 0.1
@@ -148,13 +148,15 @@ def pass2_problem(
 def run_pass2(
     content: torch.Tensor, style: torch.Tensor, loose: torch.Tensor, tight: torch.Tensor, blended: torch.Tensor,
     backbone, config: HarmonizeConfig, *, tau: float, mtv: float | None = None, progress: Callable | None = None,
+    snapshots: Snapshots | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Return (pass-2 image (1, 3, H, W) in [0, 1] on the CPU, unblended; metrics).
 
     ``content`` = naive composite (the init and the content target), ``style`` = painting, ``blended`` = the
     blended pass-1 image (only used for the relu4_1 mapping), masks (1, 1, H, W); all at working size.
     ``mtv`` is the painting's noise estimate at 700 px (neural_paint.lua measures it on the 700 px painting);
-    when omitted it is measured on ``style`` resized to 700 px.
+    when omitted it is measured on ``style`` resized to 700 px. ``snapshots`` (optional) receives intermediate
+    preprocessed images (``objective.Snapshots``).
     """
     from .stages import Iterate
 
@@ -165,9 +167,9 @@ def run_pass2(
     setup_seconds = time.perf_counter() - started
     # tolX = tolFun = -1 (neural_paint.lua L305-312): exactly ``iterations`` steps.
     settings = LbfgsSettings(cfg.iterations, cfg.learning_rate, cfg.history_size, -1.0, -1.0, cfg.log_every,
-                             cfg.max_seconds)
+                             cfg.max_seconds, cfg.stop_levels, cfg.stop_every, cfg.stop_patience)
     x, metrics = optimise(problem, x0, settings, stage="pass2", progress=progress,
-                          event=functools.partial(Iterate, "pass2"))
+                          event=functools.partial(Iterate, "pass2"), snapshots=snapshots)
     image = backbone.preprocessing.deprocess(x).clamp(0, 1).cpu()
     metrics.update(seconds_setup=round(setup_seconds, 4), **setup)
     return image, metrics

@@ -52,7 +52,7 @@ def test_overrides_name_real_fields_and_presets_apply(monkeypatch, tmp_path):
     assert (paper.backbone.name, paper.backbone.weights) == ("vgg16", "offline-vgg16")  # no Caffe VGG19 configured
     quick = preset("quick")
     assert (quick.sizing.size, quick.backbone.name, quick.backbone.weights) == (256, "vgg16", "offline-vgg16")
-    assert set(PRESETS) == {"paper", "quick"}
+    assert set(PRESETS) == {"paper", "fast", "quick"}
     tuned = apply_overrides(quick, {"tau": "auto", "size": "128", "pass1_iters": 7, "pass2_iters": None})
     assert (tuned.pass2.tau, tuned.sizing.size, tuned.pass1.iterations) == ("auto", 128, 7)
     assert tuned.pass2.iterations == quick.pass2.iterations  # None leaves the value alone

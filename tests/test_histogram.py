@@ -321,3 +321,21 @@ def test_histogram_gradient_on_a_window_with_the_whole_count_equals_the_whole_ma
                                                            features.numel())
     assert torch.equal(rows_window, rows)  # the same rows in the same (raster) order
     assert float(loss_window) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_sorted_remap_is_kept_per_target_and_equals_a_fresh_computation():
+    style, used, feat, query = _case(24)
+    target = histogram_target(style, used, n_query=int(query.sum()))
+    count = int(query.sum())
+    first = target.sorted_remap(count)
+    assert target.sorted_remap(count) is first  # computed once
+    rank = torch.arange(count, dtype=target.cum.dtype)[None, :]
+    expected = torch.searchsorted(target.cum, rank.expand(3, count).contiguous(), right=True).clamp_(max=BINS - 1)
+    fresh = dataclasses.replace(target)  # a copy starts with its own, empty cache
+    assert torch.equal(fresh.sorted_remap(count), first)
+    assert fresh.sorted_remap(count) is not first
+    count_per_bin = target.hist.gather(1, expected)
+    ratio = ((rank - (target.cum.gather(1, expected) - count_per_bin)) / (count_per_bin + 1e-8)).clamp(0, 1)
+    step = ((target.vmax - target.vmin) / BINS)[:, None]
+    assert torch.equal(first, target.vmin[:, None] + (expected.to(ratio.dtype) + ratio) * step)
+    assert target.sorted_remap(count - 1).shape == (3, count - 1)  # another count: recomputed

@@ -244,12 +244,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harmonize_core.errors import InputError
 
     from .report import build_report, latest_run
+    from .summary import read_rows, write_summary
 
     run_id = args.run or latest_run(args.out)
     if run_id is None:
         raise InputError(f"{args.out}: no run with a summary.csv under runs/ (give --run ID)")
+    rows = read_rows(args.out, run_id)  # a killed run's finished rows, possibly newer than its last summary
+    if rows:
+        from tasks import storage
+
+        summary = read_summary_or_empty(storage.run_uri(args.out, run_id, "summary.csv"))
+        known = {(r.get("id"), r.get("variant") or "") for r in rows}
+        rows += [r for r in summary if (r.get("id"), r.get("variant") or "") not in known]  # invalid rows
+        write_summary(storage.run_uri(args.out, run_id, "summary.csv"), rows)
     print(build_report(args.out, run_id))
     return EXIT_OK
+
+
+def read_summary_or_empty(uri: str) -> list[dict[str, str]]:
+    """Return a summary's rows, or none when it was never written."""
+    from tasks import storage
+
+    from .summary import read_summary
+
+    return read_summary(uri) if storage.exists(uri) else []
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:

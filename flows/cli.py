@@ -171,7 +171,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"demo settings: preset {args.preset}, {settings}, backbone {args.backbone}, weights {args.weights}")
     preflight(str(manifest), args)
     code = run_flow(str(manifest), str(out / "results"), args)
-    print(f"demo outputs: {out / 'results'}/<id>/reconstruct.png (each stage's .png and .json beside it)")
+    from .report import latest_run, page_uri
+    from .summary import SUMMARY_NAME
+
+    run_id = latest_run(str(out / "results"))
+    if run_id:
+        from tasks import storage
+
+        report = page_uri(storage.parent(storage.run_uri(str(out / "results"), run_id, SUMMARY_NAME)), 1)
+        print(f"\nopen the report in a browser: {report}\n(each item's painting, composite, pass 1, final image, "
+              f"loss curves and scores; the images themselves are in {out / 'results'}/<id>/)")
     return code
 
 

@@ -108,10 +108,12 @@ def test_demo_builds_its_dataset_and_runs_it(prefect_api, tmp_path, capsys):
             "--pass2-iters", "2", "--weights", TEST_WEIGHTS, "--device", "cpu"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "3 items completed" in printed and "demo outputs:" in printed
+    assert "3 items completed" in printed and "open the report in a browser: " in printed
+    report = Path(printed.split("open the report in a browser: ")[1].splitlines()[0])
+    assert report.is_file() and report.name == "report.html"
     manifest = (tmp_path / "demo" / "inputs" / "manifest.csv").read_text().splitlines()
-    assert manifest[0] == "id,content,style,mask,size,pass1_iters,pass2_iters"
-    assert manifest[1].endswith(f",{TINY_SIZE},2,2")  # demo flags shape the demo manifest's cells
+    assert manifest[0] == "id,content,style,mask,size,pass1_iters,pass2_iters,tau"
+    assert manifest[1].endswith(f",{TINY_SIZE},2,2,1")  # demo flags shape the demo manifest's cells
     for item_id in ("demo-01", "demo-02", "demo-03"):
         assert (tmp_path / "demo" / "results" / item_id / "reconstruct.png").is_file()
 

@@ -1,6 +1,8 @@
 """Fit and cross-validate the ``tau="auto"`` estimator (harmonize_core/tau.py) on the reference cases.
 
-Usage: python bench/calibrate_tau.py [CASES_DIR]   (default: ../shared/dph-cases next to the repository)
+Usage: python bench/calibrate_tau.py [CASES_DIR]
+(CASES_DIR: the 35 reference cases published with the authors' code, their data/ folder; default: a
+shared/dph-cases folder beside the repository)
 
 Reads ``N_target.jpg`` (the painting) and ``wikiart_output.txt`` (the authors' tau for case N), computes log10(mtv)
 of each painting at 700 px, fits the two constants of ``tau_from_log_mtv`` on all cases (the values to paste into
@@ -67,7 +69,8 @@ def summarise(name: str, taus: list[float], predictions: list[float]) -> dict[st
 def main(argv: list[str]) -> int:
     folder = Path(argv[1]) if len(argv) > 1 else DEFAULT_CASES
     if not (folder / "wikiart_output.txt").exists():
-        print(f"{folder}: no wikiart_output.txt; pass the dph-cases folder as the argument", file=sys.stderr)
+        print(f"{folder}: no wikiart_output.txt; pass the folder holding the reference cases (N_target.jpg, "
+              "wikiart_output.txt)", file=sys.stderr)
         return 2
     cases = read_cases(folder)
     values, taus = [c[3] for c in cases], [c[2] for c in cases]

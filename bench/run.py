@@ -173,7 +173,7 @@ class Item:
 
 
 def load_bench_item(case: str, long_side: int) -> Item:
-    """Return reference case ``case`` from ../shared/dph-cases when present, else a procedural demo item whose long
+    """Return reference case ``case`` (a copy of the authors' ``data/`` folder) when present, else a procedural demo item whose long
     side is ``min(long_side, 700)`` (the cases are 700 px; larger working sizes are upsampled by the pipeline)."""
     if case != PROCEDURAL and (CASES_DIR / f"{case}_naive.jpg").is_file():
         content, style, mask = load_item(CASES_DIR / f"{case}_naive.jpg", CASES_DIR / f"{case}_target.jpg",

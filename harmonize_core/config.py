@@ -1,7 +1,7 @@
 """The one configuration tree for Deep Painterly Harmonization.
 
 Every default cites its source in the authors' code (``neural_gram.lua`` = pass 1, ``neural_paint.lua`` = pass 2,
-``dilate_mask.m``, ``filt_cnn_artifact.m``); see ``ALGORITHM.md`` section 8 for the full table. Deviations say
+``dilate_mask.m``, ``filt_cnn_artifact.m``); see ``docs/algorithm.md`` section 8 for the full table. Deviations say
 "differs from X because Y". The CLI flags, the flow parameters and the manifest overrides are all derived from
 this tree: there is no second copy of any default.
 """
@@ -31,7 +31,8 @@ class MaskConfig:
     """Mask binarisation, loose-mask dilation and feathering. Pixel sizes are given at 700 px and scaled."""
 
     binarize_threshold: float = field(
-        default=0.5, metadata={"help": "grey level (0..1) splitting JPEG mask noise into 0/1 (dph-cases README)"}
+        default=0.5,
+        metadata={"help": "grey level (0..1) splitting JPEG mask noise into 0/1 (docs/algorithm.md section 1)"},
     )
     dilate_kernel: int = field(default=35, metadata={"help": "Gaussian support at 700 px (dilate_mask.m L23)"})
     dilate_sigma: float = field(default=35 / 3, metadata={"help": "Gaussian sigma at 700 px (dilate_mask.m L23)"})

@@ -1,4 +1,4 @@
-"""Pass 2's consistent mapping at the reference layer (ALGORITHM.md sections 3b-3c).
+"""Pass 2's consistent mapping at the reference layer (docs/algorithm.md sections 3b-3c).
 
 Maps are flat raster indices ``q = y * Ws + x`` into the style map, in ``(H, W)`` int64 tensors (``-1`` = not
 matched), as produced by ``matching.normalized_sum_match``. Ports of ``cuda_utils.cu`` (luanfujun/

@@ -1,4 +1,4 @@
-"""Masks: loose-mask dilation, per-layer soft masks, and the feathered tight mask (ALGORITHM.md section 1).
+"""Masks: loose-mask dilation, per-layer soft masks, and the feathered tight mask (docs/algorithm.md section 1).
 
 Masks are ``(1, 1, H, W)`` float tensors. Pixel sizes are given at the paper's 700 px and scaled to the working size.
 """
@@ -34,7 +34,7 @@ def dilate_mask(tight: torch.Tensor, config: MaskConfig, *, size: int) -> torch.
     """Return the loose mask M+ (1, 1, H, W) in {0, 1}: Gaussian blur of the tight mask, then ``> threshold``.
 
     dilate_mask.m L23-30: 35x35 Gaussian, sigma 35/3, zero-padded ``imfilter 'same'``, ``J > 0.1`` -> 1 at 700 px;
-    the support and sigma scale with the working ``size``. At 700 px a straight edge grows by about 15 px.
+    the support and sigma scale with the working ``size``. At 700 px a straight edge grows by about 12 px.
     """
     width = odd_at_size(config.dilate_kernel, size)
     sigma = scale_to_size(config.dilate_sigma, size)

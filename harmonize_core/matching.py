@@ -1,4 +1,4 @@
-"""Nearest-neighbour matching of Deep Painterly Harmonization (ALGORITHM.md sections 2 and 3a-3c).
+"""Nearest-neighbour matching of Deep Painterly Harmonization (docs/algorithm.md sections 2 and 3a-3c).
 
 Feature maps are ``(C, H, W)`` with no batch dim. A match is a flat raster index ``q = y * Ws + x`` into the style
 map, stored in a ``(H, W)`` int64 map; ``-1`` marks positions that were not asked for. Ports of ``cuda_utils.cu``

@@ -1,6 +1,6 @@
 """The reconstruction stage: the authors' post-processing (``filt_cnn_artifact.m``) in PyTorch, no MATLAB.
 
-ALGORITHM.md section 4. From the pass-2 result ``I``, the painting ``S``, the naive composite ``G`` and the tight
+docs/algorithm.md section 4. From the pass-2 result ``I``, the painting ``S``, the naive composite ``G`` and the tight
 mask ``M`` (all at working size):
 
 1. chrominance denoising: ``I`` to CIE-Lab, a guided filter on a* and b*, back to RGB -> ``O1`` (L31-45);

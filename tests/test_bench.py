@@ -1,6 +1,6 @@
 """The benchmark harness (bench/): a tiny smoke run of every section, and its arithmetic and instruments.
 
-The smoke run uses random VGG16 weights and a procedural item at 48-64 px, so it needs neither ../shared nor the
+The smoke run uses random VGG16 weights and a procedural item at 48-64 px, so it needs neither the reference cases nor the
 offline weights; it checks that the CSVs and the report hold the expected rows, that every naive-vs-ours row
 compares equal results, and that the extrapolated figures are the measured ones plus the missing iterations.
 """

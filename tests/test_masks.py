@@ -17,7 +17,7 @@ from harmonize_core.masks import (
 )
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "dph-cases"
-# Case 8's published dilated mask was made another way (dph-cases README: IoU about 0.80 with the rule).
+# Case 8's published loose mask was made another way (IoU about 0.80 with the rule; docs/algorithm.md section 1).
 OUTLIERS = {8}
 
 
@@ -26,7 +26,7 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
-@pytest.mark.skipif(not CASES.is_dir(), reason="../shared/dph-cases not present")
+@pytest.mark.skipif(not CASES.is_dir(), reason="reference cases not present")
 def test_dilation_matches_authors_loose_masks():
     ious = {}
     for path in sorted(CASES.glob("*_c_mask.jpg")):
@@ -43,8 +43,8 @@ def test_dilation_matches_authors_loose_masks():
 
 
 def test_dilation_grows_a_straight_edge_by_12_px_at_700():
-    # ALGORITHM.md says about 1.28 sigma = 15 px, but that is the untruncated Gaussian: the 35-tap support cuts it
-    # at +-1.46 sigma and renormalises, so the 0.1 level sits at 12 px. The published masks agree (test above).
+    # docs/algorithm.md section 1: the 35-tap support cuts the Gaussian at +-1.46 sigma and renormalises, so the 0.1
+    # level sits at 12 px, not at the untruncated 1.28 sigma = 15 px. The published masks agree (test above).
     tight = torch.zeros(1, 1, 100, 700)
     tight[..., :, :350] = 1
     loose = dilate_mask(tight, MaskConfig(), size=700)

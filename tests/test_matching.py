@@ -1,4 +1,4 @@
-"""Nearest-neighbour matching (ALGORITHM.md sections 2, 3a-3c) against literal loop oracles of the CUDA kernels."""
+"""Nearest-neighbour matching (docs/algorithm.md sections 2, 3a-3c) against literal loop oracles of the CUDA kernels."""
 
 from __future__ import annotations
 

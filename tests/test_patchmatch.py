@@ -87,7 +87,7 @@ def test_matches_brute_force_within_10_percent_on_perturbed_painting_texture():
     assert 1.0 - 1e-6 <= float(ratio) <= 1.10
 
 
-@pytest.mark.skipif(not CASES.is_dir(), reason="../shared/dph-cases not present")
+@pytest.mark.skipif(not CASES.is_dir(), reason="reference cases not present")
 def test_matches_brute_force_within_10_percent_on_a_real_crop(case=9):
     painting = decode_image(read_bytes(CASES / f"{case}_target.jpg"), "painting")
     composite = decode_image(read_bytes(CASES / f"{case}_naive.jpg"), "composite")

@@ -89,7 +89,7 @@ def test_bad_shape_raises():
         estimate_tau(torch.rand(3, 32, 32))
 
 
-@pytest.mark.skipif(not CASES.is_dir(), reason="../shared/dph-cases not present")
+@pytest.mark.skipif(not CASES.is_dir(), reason="reference cases not present")
 def test_reference_cases_reach_the_documented_figures():
     calibration = _calibration_module()
     cases = calibration.read_cases(CASES)

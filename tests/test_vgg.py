@@ -25,7 +25,7 @@ from harmonize_core.vgg import (
 from harmonize_core.weights import random_state_dict
 
 FIRST_TAPS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-# ALGORITHM.md section 1: loadcaffe's ceil-mode maps for a 557x700 input, and torchvision's floor-mode ones
+# docs/algorithm.md section 1: loadcaffe's ceil-mode maps for a 557x700 input, and torchvision's floor-mode ones
 PAPER_SHAPES = {"relu1_1": (557, 700), "relu2_1": (279, 350), "relu3_1": (140, 175), "relu4_1": (70, 88),
                 "relu5_1": (35, 44)}
 FLOOR_SHAPES = {"relu1_1": (557, 700), "relu2_1": (278, 350), "relu3_1": (139, 175), "relu4_1": (69, 87),
@@ -152,7 +152,7 @@ def test_unknown_layer_and_bad_input_raise(vgg19: VGGFeatures) -> None:
 def test_layer_plan_counts() -> None:
     assert layer_plan("vgg19", "relu1_1") == ["conv"]
     assert layer_plan("vgg19", "relu2_1") == ["conv", "conv", "pool", "conv"]
-    # ALGORITHM.md section 1: blurs relu1_1..5_1 = 1, 3, 5, 9, 13 with 0..4 downscales (VGG19: 4 convs in blocks 3-5)
+    # docs/algorithm.md section 1: blurs relu1_1..5_1 = 1, 3, 5, 9, 13 with 0..4 downscales (VGG19: 4 convs in blocks 3-5)
     for arch, convs in (("vgg19", (1, 3, 5, 9, 13)), ("vgg16", (1, 3, 5, 8, 11))):
         for pools, (name, count) in enumerate(zip(FIRST_TAPS, convs, strict=False)):
             plan = layer_plan(arch, name)

@@ -117,3 +117,10 @@ def test_the_fast_preset_keeps_the_paper_size_network_and_losses_with_fewer_iter
 def test_bf16_follows_the_precision_flag(precision, device, expected):
     config = apply_overrides(HarmonizeConfig(), {"backbone.precision": precision})
     assert use_bf16(config, device) is expected
+
+
+def test_the_network_runs_in_fp32_by_default_on_every_device():
+    # bf16 did not keep the final image within the quality score's noise of fp32 (docs/quality.md, "bf16")
+    for name in ("paper", "fast", "quick"):
+        assert preset(name).backbone.precision == "fp32"
+        assert not use_bf16(preset(name), "cuda") and not use_bf16(preset(name), "cpu")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -70,7 +71,15 @@ def stage_code_digest(stage: str, package: Path = CORE_DIR) -> str:
     return digest.hexdigest()
 
 
-@cache
+_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe to call from several threads at once
+
+
 def installed_code_digests() -> dict[str, str]:
-    """Return ``{stage: code digest}`` of the installed core (computed once per process)."""
+    """Return ``{stage: code digest}`` of the installed core (computed once per process, thread-safe)."""
+    with _LOCK:
+        return _installed()
+
+
+@cache
+def _installed() -> dict[str, str]:
     return {stage: stage_code_digest(stage) for stage in STAGE_ROOTS}

@@ -32,6 +32,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,18 +80,27 @@ def timed_run(command: list[str], env: dict[str, str]) -> tuple[float, list[dict
     return time.perf_counter() - started, summary_rows(done.stdout)
 
 
-def shard_times(env: dict[str, str]) -> list[dict[str, float]]:
-    """Return (created -> start, start -> end) seconds and item count of every shard run on the server."""
+def shard_times(env: dict[str, str]) -> list[dict[str, Any]]:
+    """Return, per shard run on the server, the seconds between its states: Scheduled -> Pending (a worker took
+    it), Pending -> Running (the flow-run process started and imported everything), Running -> Completed."""
     os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME")})
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
+    shards = []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["harmonize-shard"])))
-    return [{"wait": (run.start_time - run.created).total_seconds(),
-             "run": (run.end_time - run.start_time).total_seconds(),
-             "items": len(run.parameters.get("items", [])), "ids": [i["id"] for i in run.parameters.get("items", [])]}
-            for run in runs if run.start_time and run.end_time]
+        for run in runs:
+            at = {}
+            for state in client.read_flow_run_states(run.id):
+                at.setdefault(state.type.value, state.timestamp)
+            if not {"SCHEDULED", "PENDING", "RUNNING", "COMPLETED"} <= set(at):
+                continue
+            shards.append({"queued": (at["PENDING"] - at["SCHEDULED"]).total_seconds(),
+                           "start": (at["RUNNING"] - at["PENDING"]).total_seconds(),
+                           "run": (at["COMPLETED"] - at["RUNNING"]).total_seconds(),
+                           "ids": [i["id"] for i in run.parameters.get("items", [])]})
+    return shards
 
 
 def main() -> int:
@@ -132,16 +142,22 @@ def main() -> int:
                 pass
     load.append(os.getloadavg()[0])
     compute = {r["id"]: float(r["total_s"]) for r in pool_rows}
-    per_item = [(s["wait"] + s["run"] - sum(compute[i] for i in s["ids"])) / max(1, s["items"]) for s in shards]
-    waits = [s["wait"] for s in shards]
+    in_run = [s["run"] - sum(compute[i] for i in s["ids"]) for s in shards]
+    per_item = [(s["start"] + extra) / max(1, len(s["ids"])) for s, extra in zip(shards, in_run, strict=True)]
+    ideal = sum(compute.values()) / args.workers
+    median = statistics.median
     rows = [
         ("items, workers, shard size", f"{args.items}, {args.workers}, {args.shard_size}"),
-        ("item compute (median of the items' stage seconds)", f"{statistics.median(compute.values()):.2f} s"),
+        ("item compute (median of the items' stage seconds)", f"{median(compute.values()):.2f} s"),
         ("local run wall (one process, 4 items in flight)", f"{local_wall:.1f} s"),
-        ("pooled run wall", f"{pool_wall:.1f} s"),
-        ("queue wait per shard (created -> started), median", f"{statistics.median(waits):.1f} s"),
-        ("orchestration per item (wait + run - compute), median", f"{statistics.median(per_item):.1f} s"),
-        ("orchestration per item, max", f"{max(per_item):.1f} s"),
+        ("pooled run wall (coordinator included)", f"{pool_wall:.1f} s"),
+        ("pooled wall if orchestration were free (sum of compute / workers)", f"{ideal:.1f} s"),
+        ("a worker takes a scheduled shard (Scheduled -> Pending), median / min", f"{median(s['queued'] for s in shards):.1f} / "
+                                                                                f"{min(s['queued'] for s in shards):.1f} s"),
+        ("flow-run process start and imports (Pending -> Running), median", f"{median(s['start'] for s in shards):.1f} s"),
+        ("inside the run beyond the items' compute, median", f"{median(in_run):.1f} s"),
+        ("orchestration per item (process start + in-run overhead), median / max",
+         f"{median(per_item):.1f} / {max(per_item):.1f} s"),
         ("load average start -> end", f"{load[0]:.2f} -> {load[1]:.2f}"),
     ]
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

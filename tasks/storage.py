@@ -230,6 +230,18 @@ def exists(uri: str) -> bool:
     return digest(uri, compute=False) is not None
 
 
+def _head(uri: str) -> dict | None:
+    """Return the S3 HEAD answer of ``uri``, or None when there is no such object."""
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        error = classify(exc, uri)
+        if isinstance(error, InputError) and "not found" in str(error):
+            return None
+        raise error from exc
+
+
 def digest(uri: str, compute: bool = True) -> str | None:
     """Return the sha256 hex of the object at ``uri``, or None if there is none.
 
@@ -237,14 +249,9 @@ def digest(uri: str, compute: bool = True) -> str | None:
     and hashed when ``compute``. ``compute=False`` only tests existence (returns "" for an object without digest).
     """
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            head = s3_client().head_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            error = classify(exc, uri)
-            if isinstance(error, InputError) and "not found" in str(error):
-                return None
-            raise error from exc
+        head = _head(uri)
+        if head is None:
+            return None
         stored = head.get("Metadata", {}).get(DIGEST_METADATA)
         return stored or (sha256_bytes(read_bytes(uri)) if compute else "")
     path = _local(uri)
@@ -338,14 +345,9 @@ def stat(uri: str) -> dict | None:
     mean an unchanged input (the input index reuses its digest). Other failures raise as ``read_bytes`` does.
     """
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            head = s3_client().head_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            error = classify(exc, uri)
-            if isinstance(error, InputError) and "not found" in str(error):
-                return None
-            raise error from exc
+        head = _head(uri)
+        if head is None:
+            return None
         modified = head.get("LastModified")
         return {"size": int(head.get("ContentLength", 0)), "etag": str(head.get("ETag", "")),
                 "last_modified": modified.isoformat() if modified is not None else ""}

@@ -90,7 +90,7 @@ class Problem:
         indices = TAPS[self.backbone.arch]
         used = {t.layer for t in self.terms if t.layer != "image"}
         self.taps = sorted(used, key=indices.__getitem__)
-        masks = {name: self.layer_masks[name] for name in self.taps}
+        masks = {name: self.layer_masks[name] for name in self.taps if name in self.layer_masks}
         self.windows = {name: Window.of_support(mask) if self.crop else Window.whole(*mask.shape[-2:])
                         for name, mask in masks.items()}
 

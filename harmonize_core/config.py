@@ -246,7 +246,7 @@ def backbone_for_weights(weights: str, current: str) -> str:
 
 
 BACKBONE_KEYS = ("backbone", "backbone.name")
-WEIGHTS_KEYS = ("weights", "backbone.weights")
+WEIGHTS_KEYS = ("weights",)  # the flat name users give (CLI, run settings); a dotted replace() sets only the field
 
 
 def apply_overrides(config: HarmonizeConfig, overrides: dict[str, Any]) -> HarmonizeConfig:

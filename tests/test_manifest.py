@@ -47,7 +47,7 @@ def problem_manifest(tmp_path) -> Path:
         f"mismatch,{c},{s},{mismatch},,,,,,",      # 8 size mismatch
         f"empty,{c},{s},{empty},,,,,,",            # 9 empty mask
         f"badvals,{c},{s},{m},-1,abc,,,,",         # 10 bad tau and size
-        f"badvals2,{c},{s},{m},,,2.5,,fast,",      # 11 bad iterations and preset
+        f"badvals2,{c},{s},{m},,,2.5,,rapid,",     # 11 bad iterations and preset
         f"nomask,{c},{s},,,,,,,",                  # 12 empty cell
         f"toosmall,{c},{s},{m},,8,,,,",            # 13 size out of range
         f"speck,{c},{s},{tiny},,32,,,,",           # 14 mask vanishes at the working size
@@ -72,7 +72,7 @@ def test_every_problem_is_reported_at_once_with_row_and_column(problem_manifest)
     assert "differs from the content's 64x48" in messages[8, "mask"]
     assert "mask is empty" in messages[9, "mask"]
     assert "tau" in messages[10, "tau"] and "whole number" in messages[11, "pass1_iters"]
-    assert "unknown preset 'fast'" in messages[11, "preset"]
+    assert "unknown preset 'rapid'" in messages[11, "preset"]
     assert ">= 32" in messages[13, "size"]
     assert "vanishes at the working size 32x24" in messages[14, "mask"]
     (good,) = report.items

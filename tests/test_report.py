@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
-from flows import report
+from flows import report, report_thumbs
 from harmonize_core.errors import InputError
 from tasks import storage
 
@@ -187,7 +187,7 @@ def check_links(page_uri: str, page: Page, out: str) -> None:
             continue
         target = resolve_link(page_uri, link)
         assert storage.exists(target), f"{page_uri}: {link} -> {target} does not exist"
-        assert report._inside(out, target), f"{link} leaves the output location"
+        assert report_thumbs.inside(out, target), f"{link} leaves the output location"
 
 
 def all_pages(first: str) -> list[tuple[str, str, Page]]:
@@ -204,13 +204,13 @@ def all_pages(first: str) -> list[tuple[str, str, Page]]:
 
 def count_encodes(monkeypatch) -> list[int]:
     calls = [0]
-    original = report._encode_thumbnail
+    original = report_thumbs._encode_thumbnail
 
     def counting(image):
         calls[0] += 1
         return original(image)
 
-    monkeypatch.setattr(report, "_encode_thumbnail", counting)
+    monkeypatch.setattr(report_thumbs, "_encode_thumbnail", counting)
     return calls
 
 

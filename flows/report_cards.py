@@ -1,0 +1,115 @@
+"""The report's cards: a run summary's rows, grouped per item and put in the order the report shows them.
+
+One card per item id (its tau variants together, sorted by tau; each invalid row a card of its own). Cards come
+failed first, then invalid, then warned, then completed, each by manifest row, and each gets a unique HTML anchor.
+Also the summary's file name and the columns the report knows (every other column is an extra manifest column).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks import storage
+
+SUMMARY_NAME = "summary.csv"  # the name flows.summary writes (kept here so the report never imports torch-heavy code)
+COMPLETED, FAILED, INVALID, WARNED = "completed", "failed", "invalid", "warned"
+STATUS_ORDER = (FAILED, INVALID, WARNED, COMPLETED)  # the card order and the filters
+NO_ROW = 10**9  # sorts rows without a manifest row number last
+UNKNOWN_STATUS_RANK = 1.5  # a status this report does not know sorts after failed, before warned
+TIMED_STAGES = ("dilate", "pass1", "blend", "pass2", "reconstruct")
+SHARED_STAGES = ("dilate", "pass1", "blend")  # tau variants of one id share these
+QUALITY_COLUMNS = ("quality_style", "quality_structure", "quality_seam")
+CONTRACT_COLUMNS = frozenset((
+    "id", "variant", "row", "status", "error", "warnings", "cached", "worker", "tau", *QUALITY_COLUMNS,
+    *(f"{stage}_s" for stage in TIMED_STAGES), "total_s", "pass1_loss", "pass2_loss", "final_uri",
+    *(f"{stage}_uri" for stage in TIMED_STAGES), "content_uri", "style_uri", "mask_uri", "outputs",
+))
+
+
+@dataclass
+class Card:
+    """One card of the report: the summary rows of one item id (several when it has tau variants)."""
+
+    key: str
+    rows: list[dict[str, str]]
+    status: str = ""
+    warned: bool = False
+    anchor: str = ""
+    rank: float = 0.0
+    row_number: int = 0
+    markup: str = field(default="", repr=False)  # the rendered <article>
+
+
+def read_rows(summary_uri: str) -> list[dict[str, str]]:
+    """Return the summary's rows as dicts of strings (missing cells "", cells beyond the header dropped)."""
+    text = storage.read_bytes(summary_uri).decode("utf-8-sig")
+    return [{key: value or "" for key, value in row.items() if key is not None} for row in csv.DictReader(io.StringIO(text))]
+
+
+def group_cards(rows: list[dict[str, str]]) -> list[Card]:
+    """Return one card per item id (tau variants together; each invalid row its own), in report order."""
+    grouped: dict[str, Card] = {}
+    for row in rows:
+        item_id = row.get("id", "")
+        key = item_id if item_id and row.get("status") != INVALID else f"{item_id or 'row'}@{row.get('row', '')}"
+        grouped.setdefault(key, Card(key=item_id or "(no id)", rows=[])).rows.append(row)
+    cards = list(grouped.values())
+    anchors: set[str] = set()
+    for card in cards:
+        card.rows.sort(key=lambda r: (as_float(r.get("tau")), r.get("variant", "")))
+        _classify(card)
+        card.anchor = _unique_anchor(card, anchors)
+    cards.sort(key=lambda c: (c.rank, c.row_number, c.key))
+    return cards
+
+
+def _classify(card: Card) -> None:
+    statuses = [row.get("status", "") for row in card.rows]
+    known = [s for s in (FAILED, INVALID) if s in statuses]
+    card.status = known[0] if known else (COMPLETED if all(s == COMPLETED for s in statuses) else statuses[0] or "unknown")
+    card.warned = any(row.get("warnings", "").strip() for row in card.rows)
+    rank = STATUS_ORDER.index(card.status) if card.status in STATUS_ORDER else UNKNOWN_STATUS_RANK
+    card.rank = STATUS_ORDER.index(WARNED) if card.status == COMPLETED and card.warned else rank
+    card.row_number = min(_row_number(row) for row in card.rows)
+
+
+def _row_number(row: dict[str, str]) -> int:
+    value = as_float(row.get("row"))
+    return int(value) if value < math.inf else NO_ROW
+
+
+def _unique_anchor(card: Card, taken: set[str]) -> str:
+    name = card.rows[0].get("id", "") or f"row-{card.rows[0].get('row', '')}"
+    base = "item-" + re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    anchor, suffix = base, 2
+    while anchor in taken:
+        anchor, suffix = f"{base}-{suffix}", suffix + 1
+    taken.add(anchor)
+    return anchor
+
+
+def count_cards(cards: list[Card]) -> dict[str, int]:
+    """Return {completed, failed, invalid, warned, other: number of cards}; warned counts any card with warnings."""
+    counts = {status: sum(card.status == status for card in cards) for status in (COMPLETED, FAILED, INVALID)}
+    counts[WARNED] = sum(card.warned for card in cards)
+    counts["other"] = len(cards) - counts[COMPLETED] - counts[FAILED] - counts[INVALID]
+    return counts
+
+
+def as_float(text: Any, default: float = math.inf) -> float:
+    """Return a cell as a finite float, or ``default`` when it is empty, not a number, infinite or NaN."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
+def total_seconds(rows: list[dict]) -> float:
+    """Return the sum of the rows' ``total_s`` cells (a cell that is not a number counts 0)."""
+    return sum(as_float(row.get("total_s"), 0.0) for row in rows)

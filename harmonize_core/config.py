@@ -190,7 +190,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "pass2.log_every": 10, "backbone.name": "vgg16", "backbone.weights": "offline-vgg16"},
     # ``fast``: the paper's size, network and losses, the fewest iterations whose quality scores stay within the
     # noise of 1000 + 1000 in the iteration study, and early stopping (ours; docs/quality.md "Iteration study").
-    "fast": {"pass1.iterations": 200, "pass2.iterations": 200, "pass1.stop_levels": 0.1, "pass2.stop_levels": 0.1},
+    "fast": {"pass1.iterations": 100, "pass2.iterations": 400, "pass1.stop_levels": 4.0, "pass2.stop_levels": 4.0},
 }
 
 # Manifest/CLI overrides: a documented flat name -> the dotted field(s) it sets.

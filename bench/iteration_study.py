@@ -1,12 +1,18 @@
 """The same result for fewer evaluations: quality scores and losses against L-BFGS iterations (issue 10, point 3).
 
-Usage (one torch thread each; every command resumes where it stopped)::
+Usage (one torch thread each, ``--device cuda`` on a GPU; every command resumes where it stopped). The study in
+docs/quality.md ("Iteration study") ran exactly these, at the default size of 128 px::
 
-    python bench/iteration_study.py grid  OUT [--cases 0,16,8,24,5,23] [--size 224] [--threads 1]
-    python bench/iteration_study.py noise OUT [--cases ...]          # after grid has written pass 1's 1000
-    python bench/iteration_study.py bf16  OUT [--cases 0,8,5] [--iters 200]
+    python bench/iteration_study.py grid  OUT                        # pass 1 x 1000, then pass 2 from each length
+    python bench/iteration_study.py grid  OUT --wait --lengths 200,100 --extend 400   # pass 2 longer than pass 1
+    python bench/iteration_study.py noise OUT                        # jittered reference (after grid's pass 1)
+    python bench/iteration_study.py check OUT                        # the fast preset end to end
     python bench/iteration_study.py score OUT                        # CSVs, markdown tables, plot PNG
-    python bench/iteration_study.py check OUT [--cases 8]            # the fast preset end to end equals the grid
+    python bench/iteration_study.py bf16  OUT_BF16 --bf16-cases 0,8,5 --iters 100 && \
+        python bench/iteration_study.py bf16-score OUT_BF16
+
+Cases default to 0,16,8,24,5,23 (``--cases``); grid, noise and check can run in parallel processes on disjoint
+``--cases`` (``--wait`` leaves pass 1 to another grid process).
 
 ``grid``: per case (the authors' composite, painting and tight mask from ``--cases-dir``, their tau from
 ``wikiart_output.txt``; ``quick`` preset = offline VGG16, the paper's loss settings, at ``--size``), one pass 1 of
@@ -19,17 +25,17 @@ from the composite), so each pass-1 length needs its own pass-2 run.
 ``noise``: the reference (1000, 1000) run's pass 2 again from the same pass-1 blend, with the composite (pass 2's
 init and content target) jittered by a seeded uniform -1/0/+1 8-bit level per pixel and channel: the spread of the
 score under a perturbation no one can see (and that any re-encoding of the input makes) is the noise below which two
-schedules cannot be told apart. Snapshots every ``STEP`` give the noise at (1000, b) too. ``score`` adds the spread
-over three reconstruct seeds (PatchMatch's random init) of the reference result.
+schedules cannot be told apart. ``score`` pools it with the other source of spread, the reference reconstructed with
+two other seeds (PatchMatch's random init): the noise band is ``NOISE_FACTOR`` x the RMS of those differences.
 
-``bf16``: pass 1 + pass 2 of ``--iters`` each with ``backbone.precision=bf16`` (CPU autocast), scored against the
-grid's fp32 (iters, iters).
+``bf16``: pass 1 + pass 2 of ``--iters`` each in fp32, in bf16 (``backbone.precision=bf16``, CPU autocast) and in
+fp32 from the jittered composite (the noise at that size and schedule); ``bf16-score`` prints the comparison.
 
 ``score`` blends and reconstructs every pass-2 snapshot as ``stages.pass2`` / ``stages.reconstruct`` do, scores it
 with ``harmonize_core.quality.quality_scores`` against the (unjittered) composite, painting and tight mask, and writes
 ``OUT/study_scores.csv`` (case, schedule, scores, final pass-1 and pass-2 losses), ``OUT/study_tables.md`` and
-``OUT/study_curves.png``. ``check`` runs ``harmonize`` with the ``fast`` preset (at the study size) and compares its
-final image with the grid's prediction for the same schedule and early-stopping rule.
+``OUT/study_curves.png``; with early stopping replayed on the snapshots' image changes. ``check`` runs ``harmonize``
+with the ``fast`` preset (at the study size, offline VGG16) and ``score`` tables its scores against 1000 + 1000.
 """
 
 from __future__ import annotations
@@ -523,6 +529,7 @@ def plot(rows: list[dict], band: dict[str, dict[str, float]], path: Path) -> Non
 
 STOP_LEVELS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # candidate thresholds (mean 8-bit levels per STEP evaluations)
 STOP_PATIENCE = (1, 2, 3)
+FAST_CAP, FAST_RULE = (1000, 600), (1.0, 2)  # the fast preset: iterations per pass, (stop_levels, stop_patience)
 
 
 def stop_step(changes: dict[int, float], levels: float, patience: int, iterations: int) -> int | None:
@@ -622,6 +629,7 @@ def score(args) -> int:
     costs = seconds_per_evaluation(args.out)
     text = markdown(rows, band, table, costs)
     text += "\n" + "\n".join(fast_markdown(args.out, rows, band)) + "\n"
+    text += "\n" + "\n".join(replay_markdown(rows, band)) + "\n"
     (args.out / "study_tables.md").write_text(text)
     plot(rows, band, args.out / "study_curves.png")
     print(text)
@@ -663,7 +671,7 @@ def markdown(rows: list[dict], band: dict, table: list[dict], costs: tuple[float
                                          (1000, 1000), (100, 250), (100, 400)] +
                                   ([(best["pass1"], best["pass2"])] if best else []))]
     caps = [(best["pass1"], best["pass2"])] if best else []
-    for cap in dict.fromkeys([*caps, (100, 400), (400, 400), (MAX_ITERATIONS, MAX_ITERATIONS)]):  # fast cap, longer caps
+    for cap in dict.fromkeys([*caps, (100, 400), (400, 400), FAST_CAP, (MAX_ITERATIONS, MAX_ITERATIONS)]):
         if cap in by_schedule(rows):
             lines += ["", *early_stop_markdown(rows, band, cap)]
     return "\n".join(lines) + "\n"
@@ -725,6 +733,27 @@ def fast_markdown(out: Path, rows: list[dict], band: dict) -> list[str]:
     return lines
 
 
+def replay_markdown(rows: list[dict], band: dict) -> list[str]:
+    """Return per case the ``fast`` preset's result replayed from the snapshots (pass 1 ``FAST_CAP[0]``, pass 2 up
+    to ``FAST_CAP[1]`` stopped by ``FAST_RULE``; pass 1 runs in full) against 1000 + 1000."""
+    grid = by_schedule(rows)
+    reference = grid[(MAX_ITERATIONS, MAX_ITERATIONS)]
+    (a, b), (levels, patience) = FAST_CAP, FAST_RULE
+    lines = [f"### fast ({a} + up to {b}, stop at {levels} levels x {patience}) replayed against 1000 + 1000", "",
+             "| case | tau | pass 2 iterations | style fast / 1000+1000 | structure | seam |", "|---|---|---|---|---|---|"]
+    for case in sorted(reference):
+        changes = {pb: float(r[case]["p2_change"]) for (pa, pb), r in grid.items()
+                   if pa == a and case in r and r[case]["p2_change"] != ""}
+        stop = stop_step(changes, levels, patience, b) or b
+        row, ref = grid[(a, stop)][case], reference[case]
+        cells = []
+        for name in SCORES:
+            ratio = abs(relative_difference(name, float(row[name]), float(ref[name]))) / band[name]["band"]
+            cells.append(f"{float(row[name]):.3f} / {float(ref[name]):.3f} ({ratio:.2f}{'*' if ratio > 1 else ''})")
+        lines.append(f"| {case} | {float(ref['tau']):.2f} | {stop} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def check(args) -> int:
     """Run ``harmonize`` with the ``fast`` preset (at the study size) on ``--cases`` and score it against the grid's
     1000 + 1000; also report the scores of the grid's snapshot at the same schedule and stop step."""
@@ -732,7 +761,7 @@ def check(args) -> int:
     from harmonize_core.vgg import load_backbone
 
     taus = read_taus(args.cases_dir)
-    backbone = load_backbone("vgg16", "offline-vgg16", device="cpu", ceil_mode=True)
+    backbone = load_backbone("vgg16", "offline-vgg16", device=args.device, ceil_mode=True)
     results = []
     for index in args.cases:
         target = args.out / str(index) / "fast"
@@ -771,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
     parser.add_argument("--iters", type=int, default=100, help="bf16: iterations per pass")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the VGG runs: cpu or cuda")
     parser.add_argument("--lengths", type=parse_cases, default=LENGTHS, help="grid: pass-1 lengths given a pass 2")
     parser.add_argument("--wait", action="store_true", help="grid: wait for another process's pass-1 runs")
     parser.add_argument("--extend", type=int, default=0, help="grid: run each pass 2 for at least this many iterations")
@@ -781,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"score": score, "bf16-score": score_precision, "check": check}[args.command](args)
     from harmonize_core.vgg import load_backbone
 
-    backbone = load_backbone("vgg16", "offline-vgg16", device="cpu", ceil_mode=True)
+    backbone = load_backbone("vgg16", "offline-vgg16", device=args.device, ceil_mode=True)
     {"grid": grid, "noise": noise, "bf16": bf16}[args.command](args, backbone)
     return 0
 

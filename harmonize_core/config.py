@@ -61,7 +61,7 @@ class BackboneConfig:
     precision: str = field(
         default="fp32",
         metadata={"help": "fp32 | bf16 | auto (bf16 VGG on CUDA, fp32 on CPU); losses are always fp32. fp32 by default: "
-                          "bf16 moved the final quality scores 3-12x beyond fp32's noise (docs/quality.md, 'bf16')"},
+                          "bf16 moved the final quality scores 2.6-12x beyond fp32's noise (docs/quality.md, 'bf16')"},
     )
 
 

@@ -337,8 +337,10 @@ class ProgressLog:
 
     Each record stores every term's value, the total and ``image_change``: the mean absolute change of the RGB
     image in 8-bit levels over the loose-mask pixels since the previous record (0 at the first). The progress event
-    also gets each term relative to its reference value, the term's first nonzero record (pass 2's content term is
-    0 at the start, the init being the content image; until it moves it reads 1.0), and the largest change.
+    also gets each term relative to its reference value: the term's first record, or, for a term that starts at 0
+    (the content term: the optimisation starts from the content image), the first record's total, so such a term
+    reads as a share of where the whole loss started (0 at first, 0.05 when it has grown to 5% of it) rather than as
+    a ratio to some tiny first nonzero value. Also the largest change.
     """
 
     def __init__(self, problem: Problem) -> None:
@@ -357,11 +359,12 @@ class ProgressLog:
         return mean, peak
 
     def _relative(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.references:  # the first record: each term's own start, or the total's for a term at 0
+            start_total = values.get("total") or sum(values.values())
+            self.references = {name: value if value != 0 else start_total for name, value in values.items()}
         relative = {}
         for name, value in values.items():
-            if name not in self.references and value != 0:
-                self.references[name] = value
-            reference = self.references.get(name)
+            reference = self.references.setdefault(name, value)
             relative[name] = value / reference if reference else 1.0
         return relative
 

@@ -32,8 +32,9 @@ PROGRESS_ORDER = ("content", "style", "hist", "tv")  # term groups in the order 
 class Iterate:
     """A progress event from a long stage: ``step`` of ``total`` iterations, current loss terms, seconds so far.
 
-    ``relative``: each term (and "total") divided by its first nonzero logged value, so 1.0 at the start and
-    falling as the term is optimised (pass 2's raw total is dominated by TV, whose gradient is normalised anyway).
+    ``relative``: each term (and "total") divided by its first logged value, so 1.0 at the start and falling as the
+    term is optimised; a term that starts at 0 (pass 2's content) is divided by the starting total instead. (Pass
+    2's raw total is dominated by TV, whose gradient is normalised anyway: the per-term figures show progress.)
     ``image_change`` / ``image_change_max``: mean / largest absolute change of the image, in 8-bit levels over the
     loose-mask pixels, since the previous event (0 at the first).
     """

@@ -13,7 +13,8 @@ texture get tau near 5:
 Two constants, fitted by ``bench/calibrate_tau.py`` on the 35 reference cases published with the authors' code
 (their ``data/`` folder), where leave-one-out cross-validation gives 25/35 level agreement (nearest of 1/5/10;
 "always 5" gives 18/35) and a mean absolute error of 1.385 (2.082 for "always 5"). It never answers 10: no
-statistic tried separates the five Expressionism/Cubism cases from Impressionism. ``docs/tau.md`` has the method, the figures and the limits.
+statistic tried separates the five Expressionism/Cubism cases from Impressionism. ``docs/tau.md`` has the method,
+the figures and the limits.
 """
 
 from __future__ import annotations

@@ -140,7 +140,11 @@ def test_progress_events_carry_relative_terms_and_the_image_change(stages, confi
     for stage, output in (("pass1", first), ("pass2", stages[4])):
         mine = [e for e in events if e.stage == stage]
         assert len(mine) == len(output.metrics["curves"]["total"])  # log_every 1: one event per record
-        assert set(mine[0].relative) == set(mine[0].losses) and all(v == 1.0 for v in mine[0].relative.values())
+        assert set(mine[0].relative) == set(mine[0].losses)
+        starts = mine[0].relative  # 1.0, except a term that starts at 0: a share of the starting total, 0 at first
+        assert all(v == (1.0 if mine[0].losses[name] else 0.0) for name, v in starts.items())
+        if stage == "pass2":  # pass 2 starts from the content image: its content term grows from 0
+            assert mine[0].losses["content"] == 0.0 and 0.0 <= mine[-1].relative["content"] < 1.0
         assert mine[0].image_change == 0.0 and mine[0].image_change_max == 0.0
         moved = [e.image_change for e in mine[1:]]
         # (the largest change can pass 255 levels: the image may leave [0, 1] while it is optimised)

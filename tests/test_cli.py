@@ -6,6 +6,7 @@ subprocess, a fresh interpreter as a user runs it, to show the real entry point 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,19 @@ def test_installed_entry_point_prints_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and done.stdout == ""
     assert_one_line_error(done.stderr, "nope.csv", "file not found")
+
+
+@pytest.mark.parametrize("command", [["serve", "MANIFEST", "--out", "OUT"], ["deploy", "--pool", "p"],
+                                     ["worker", "--pool", "p", "--gpus", "0"],
+                                     ["run", "MANIFEST", "--out", "OUT", "--pool", "p"]])
+def test_fleet_commands_refuse_to_start_without_a_prefect_server(tiny_manifest, tmp_path, command):
+    argv = [str(tiny_manifest) if a == "MANIFEST" else str(tmp_path / "out") if a == "OUT" else a for a in command]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(done.stderr, "no Prefect server configured", "PREFECT_API_URL")
 
 
 def test_run_reports_failures_then_only_failed_reruns_them(prefect_api, tmp_path, capsys):

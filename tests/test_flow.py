@@ -308,6 +308,8 @@ def test_summary_artifact_and_csv_columns(prefect_api, tiny_manifest, tmp_path):
     table = json.loads(artifact.data)
     assert [row["id"] for row in table] == ["b"] and table[0]["status"] == "completed"
     assert "1 completed, 0 failed, 0 invalid" in artifact.description
+    progress = Artifact.get("harmonize-run-progress")  # outputs done of total, updated as items finish
+    assert float(progress.data) == 100.0 and progress.description.startswith("1 of 1 outputs done")
     with open(result["summary"], newline="") as stream:
         header = next(csv.reader(stream))
     assert header[:9] == ["id", "variant", "row", "status", "error", "warnings", "cached", "worker", "tau"]

@@ -138,7 +138,13 @@ def run_chain(item: dict[str, Any], stages: tuple[str, ...], chain: dict[str, An
         finally:
             chain["seconds"][stage] = time.perf_counter() - started
         chain["cached"] += [stage] if hit else []
-        how = "cached" if hit else f"{chain['seconds'][stage]:.1f} s"
+        computed, waited = chain["records"][stage]["summary"].get("seconds"), 0.0
+        if not hit and isinstance(computed, (int, float)):
+            # the stage's own compute time, not the wait for the device while another item's pass ran
+            waited = chain["seconds"][stage] - computed
+            chain["seconds"][stage] = float(computed)
+        how = "cached" if hit else f"{chain['seconds'][stage]:.1f} s" + (
+            f", after {waited:.0f} s waiting for the device" if waited > 1 else "")
         logger.info("item %s %s: %s done (%s)", context["position"], label, stage, how, extra=PROGRESS)
 
 

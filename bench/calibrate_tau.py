@@ -12,13 +12,13 @@ and the mean absolute error, next to the constant baseline "always 5". The figur
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.reference_cases import CASES_DIR, authors_taus
 from harmonize_core.images import decode_image, read_bytes
 from harmonize_core.tau import (
     LOG_MTV_CENTRE,
@@ -29,22 +29,19 @@ from harmonize_core.tau import (
     log_mtv,
 )
 
-DEFAULT_CASES = REPO.parent / "shared" / "dph-cases"
+DEFAULT_CASES = CASES_DIR
 LEVELS = (1.0, 5.0, 10.0)  # the authors' three levels (issue #6)
 CENTRE_GRID = [round(-4.5 + 0.005 * i, 3) for i in range(501)]  # log10(mtv) from -4.5 to -2.0
 WIDTH_GRID = [0.02, 0.05, 0.1, 0.2]
-LINE = re.compile(r"idx=(\d+), classified label=(.*), weight=([0-9.]+)")
 
 
 def read_cases(folder: Path) -> list[tuple[int, str, float, float]]:
     """Return (index, genre, authors' tau, log10 mtv) for every case with both a weight and a painting."""
     cases = []
-    for line in (folder / "wikiart_output.txt").read_text().splitlines():
-        match = LINE.match(line.strip())
-        painting = folder / f"{match[1]}_target.jpg" if match else None
-        if painting is not None and painting.exists():
-            image = decode_image(read_bytes(painting), painting.name)
-            cases.append((int(match[1]), match[2], float(match[3]), log_mtv(image)))
+    for index, (genre, tau) in authors_taus(folder).items():
+        painting = folder / f"{index}_target.jpg"
+        if painting.exists():
+            cases.append((index, genre, tau, log_mtv(decode_image(read_bytes(painting), painting.name))))
     return cases
 
 

@@ -54,9 +54,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.reference_cases import CASES_DIR, authors_taus  # noqa: E402
 from harmonize_core.images import decode_png_exact, encode_png, quantize, read_bytes  # noqa: E402
 
-DEFAULT_CASES_DIR = REPO.parent / "shared" / "dph-cases"
+DEFAULT_CASES_DIR = CASES_DIR
 # Two cases per tau level of the authors (about 1, 5, 10), masks from 2.4% to 23.5% of the image.
 DEFAULT_CASES = (0, 16, 8, 24, 5, 23)
 DEFAULT_BF16_CASES = (0, 8)
@@ -74,17 +75,7 @@ SCORES = ("style", "structure", "seam")
 NOISE_FACTOR = 2.0
 MAX_OUTSIDE_PER_SCORE = 1
 WORST_FACTOR = 2.0
-LINE = re.compile(r"idx=(\d+), classified label=(.*), weight=([0-9.]+)")
-
-
-def read_taus(folder: Path) -> dict[int, tuple[str, float]]:
-    """Return {case: (genre, authors' tau)} from ``wikiart_output.txt``."""
-    taus = {}
-    for line in (folder / "wikiart_output.txt").read_text().splitlines():
-        match = LINE.match(line.strip())
-        if match:
-            taus[int(match[1])] = (match[2].strip(), float(match[3]))
-    return taus
+read_taus = authors_taus
 
 
 def study_config(size: int, tau: float, **overrides):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,10 +39,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.reference_cases import CASES_DIR, authors_taus  # noqa: E402
 from harmonize_core.images import decode_png_exact, encode_png, read_bytes  # noqa: E402
 
-DEFAULT_CASES = REPO.parent / "shared" / "dph-cases"
-LINE = re.compile(r"idx=(\d+), classified label=(.*), weight=([0-9.]+)")
+DEFAULT_CASES = CASES_DIR
 OUTPUT_KINDS = ("naive", "pass1", "final", "erased")
 HARMONIZED_KINDS = ("pass1", "final")
 SCORE_KEYS = ("style", "structure", "seam")
@@ -55,12 +54,8 @@ STRUCTURE_CLEAR_GAP = 0.2
 
 def read_cases(folder: Path) -> list[tuple[int, str, float]]:
     """Return (index, genre, authors' tau) of every case with a composite, a painting and a tight mask."""
-    cases = []
-    for line in (folder / "wikiart_output.txt").read_text().splitlines():
-        match = LINE.match(line.strip())
-        if match and all((folder / f"{match[1]}_{name}.jpg").exists() for name in ("naive", "target", "c_mask")):
-            cases.append((int(match[1]), match[2].strip(), float(match[3])))
-    return cases
+    return [(index, genre, tau) for index, (genre, tau) in authors_taus(folder).items()
+            if all((folder / f"{index}_{name}.jpg").exists() for name in ("naive", "target", "c_mask"))]
 
 
 def run_cases(folder: Path, out: Path, size: int, iters: int, only: set[int] | None) -> None:

@@ -25,6 +25,7 @@ from harmonize_core.errors import InputError
 from tasks import storage
 from tasks.stages import PROGRESS
 
+from .deploy import zombie_automation_problem
 from .item import variant_items
 from .progress import RunProgress
 from .shard import SHARD_FLOW
@@ -132,6 +133,9 @@ class FanOut:
     def run(self, items: list[dict[str, Any]], shard_size: int) -> None:
         """Submit every shard and return when each item has a final row."""
         check_deployment(self.pool)
+        if problem := zombie_automation_problem():
+            get_run_logger().warning("%s: a shard whose worker dies would wait forever instead of being resubmitted; "
+                                     "run `harmonize deploy --pool %s`", problem, self.pool, extra=PROGRESS)
         for position, item in enumerate(items, start=1):
             item["position"] = position
         self.total = len(items)

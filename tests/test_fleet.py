@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,54 @@ def computed(log: Path) -> collections.Counter:
     return collections.Counter((e["stage"], e["item"]) for e in entries)
 
 
+def api(env: dict[str, str], path: str, body: dict) -> object:
+    """POST ``body`` to the Prefect REST API of ``env`` and return the decoded JSON answer."""
+    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read() or b"null")
+
+
+def fleet_story(env: dict[str, str], since: float) -> str:
+    """Return what the server saw since ``since`` (epoch s): each flow run's state, then flow-run and automation events.
+
+    A fleet test that times out prints this, so a red CI run says whether a heartbeat, the automation or a worker
+    was missing.
+    """
+    lines = []
+    try:
+        runs = api(env, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC", "limit": 200})
+        names = {}
+        for run in runs:
+            names[run["id"]] = run["name"]
+            state = run.get("state") or {}
+            lines.append(f"run {run['name']}: {state.get('name')} {state.get('message') or ''}")
+        start = datetime.fromtimestamp(since, UTC).isoformat()
+        page = api(env, "/events/filter", {"filter": {"occurred": {"since": start},
+                                                      "event": {"prefix": ["prefect.flow-run.", "prefect.automation"]},
+                                                      "order": "ASC"}, "limit": 50})
+        for _ in range(20):
+            for event in page.get("events", []):
+                resource = event["resource"]["prefect.resource.id"]
+                name = names.get(resource.removeprefix("prefect.flow-run."), resource)
+                lines.append(f"{event['occurred'][11:19]} {event['event']} {name}")
+            if not page.get("next_page"):
+                break
+            with urllib.request.urlopen(page["next_page"], timeout=30) as answer:
+                page = json.loads(answer.read())
+    except Exception as error:  # best effort: the server may be what failed
+        lines.append(f"(could not read the server: {error})")
+    return "\n".join(lines)
+
+
+def crashed_runs(env: dict[str, str], since: float) -> list[str]:
+    """Return the names of the flow runs the server saw enter Crashed since ``since`` (epoch s)."""
+    start = datetime.fromtimestamp(since, UTC).isoformat()
+    page = api(env, "/events/filter", {"filter": {"occurred": {"since": start},
+                                                  "event": {"name": ["prefect.flow-run.Crashed"]}}, "limit": 50})
+    return sorted(event["resource"].get("prefect.resource.name", "") for event in page["events"])
+
+
 def summary_of(stdout: str) -> list[dict[str, str]]:
     line = next(line for line in stdout.splitlines() if "summary: " in line and line.rstrip().endswith(".csv"))
     return read_summary(line.rsplit("summary: ", 1)[1].strip())
@@ -165,6 +215,7 @@ def test_a_machine_killed_mid_item_loses_nothing(fleet, tmp_path):
     # pass 1 long enough (tens of evaluations) that the kill lands inside it, the rest short
     manifest = make_dataset(tmp_path / "data", ids=ids, overrides={"size": "64", "pass1_iters": "40",
                                                                      "pass2_iters": "5"})
+    began = time.time()
     doomed = start("0")
     run = subprocess.Popen(harmonize("run", str(manifest), "--out", str(tmp_path / "out"), "--pool", POOL,
                                      *RUN_FLAGS), env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -178,13 +229,21 @@ def test_a_machine_killed_mid_item_loses_nothing(fleet, tmp_path):
         victim = next((e["item"] for e in entries if e["stage"] == "dilate"), None)
     kill_machine(doomed)
     start("1")
-    stdout, stderr = run.communicate(timeout=900)
+    try:  # the zombie automation needs ZOMBIE_SECONDS, then the lease (90 s) and one item on the CPU
+        stdout, stderr = run.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        stdout, stderr = run.communicate()
+        pytest.fail(f"the run did not end 480 s after machine A was killed ({victim} lost?)\n{stderr[-3000:]}\n"
+                    f"{fleet_story(env, began)}")
     assert run.returncode == 0, stderr[-3000:]
     rows = {r["id"]: r for r in summary_of(stdout)}
     assert sorted(rows) == list(ids) and {r["status"] for r in rows.values()} == {"completed"}
     assert rows[victim]["worker"] == f"{HOST}-gpu1"  # finished on the surviving machine ...
     assert "dilate" in rows[victim]["cached"].split(";")  # ... reusing what the lost machine had finished
     assert "resubmitting" in stderr
+    # the automation crashed the lost shard's run and nothing else (not the manifest run, silent for 180 s at a time)
+    assert [name.split("-try-")[1] for name in crashed_runs(env, began)] == ["1"], fleet_story(env, began)
     assert all(count == 1 for (stage, _), count in computed(log).items() if stage == "dilate")
 
 
@@ -205,3 +264,42 @@ def test_two_concurrent_runs_compute_each_pass_once(tmp_path):
             cached = [stage in {r["id"]: r for r in rows}[item]["cached"].split(";") for rows in summaries]
             assert sorted(cached) == [False, True], (item, stage, cached)  # computed by one run, a hit in the other
     assert computed(log) == {(stage, item): 1 for stage in STAGES for item in ("a", "b", "c")}
+
+
+def test_the_zombie_automation_crashes_silent_shard_runs_and_nothing_else(server):
+    """A shard run that never sent a heartbeat (its machine died first) ends Crashed; another flow's run does not.
+
+    Both runs are put in Running by hand, with no process behind them: the shard run never sends a heartbeat, the
+    other run sends one and then stays silent, as any flow run on the server does between its default 180 s
+    heartbeats.
+    """
+    from prefect import flow, get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Completed, Pending, Running
+
+    @flow(name="someone-elses-flow")
+    def someone_elses_flow() -> None:
+        pass
+
+    began = time.time()
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"harmonize-shard/{POOL}")
+        shard = client.create_flow_run_from_deployment(deployment.id, state=Pending(), parameters={
+            "items": [], "out": "unused", "backbone": {}, "run_id": "unused"})  # Pending: no worker takes it
+        other = client.create_flow_run(someone_elses_flow, state=Pending())
+        for run in (shard, other):
+            client.set_flow_run_state(run.id, Running(), force=True)
+        api(server, "/events", [{"id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(),
+                                 "event": "prefect.flow-run.heartbeat",
+                                 "resource": {"prefect.resource.id": f"prefect.flow-run.{other.id}"}}])
+        try:
+            deadline = time.monotonic() + ZOMBIE_SECONDS + 90
+            while client.read_flow_run(shard.id).state.type != StateType.CRASHED:
+                assert time.monotonic() < deadline, f"the silent shard run was never crashed\n{fleet_story(server, began)}"
+                time.sleep(2)
+            assert time.time() - began >= ZOMBIE_SECONDS  # not before its silence was long enough
+            assert client.read_flow_run(other.id).state.type == StateType.RUNNING, fleet_story(server, began)
+        finally:
+            for run in (shard, other):
+                client.set_flow_run_state(run.id, Completed(), force=True)

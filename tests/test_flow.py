@@ -96,7 +96,7 @@ def test_policies_sit_on_the_task_decorators():
 
 
 def test_deployments_are_scheduled_one_run_at_a_time_and_found_by_module():
-    from flows.deploy import COORDINATOR_QUEUE, SHARD_QUEUE, deployment, shard_deployment
+    from flows.deploy import COORDINATOR_QUEUE, SHARD_QUEUE, SHARD_TAG, deployment, shard_deployment
 
     nightly = deployment("s3://data/m.csv", "s3://results/nightly", preset="paper", device="cuda", work_pool="gpus")
     assert nightly.name == "nightly" and nightly.work_pool_name == "gpus"
@@ -109,6 +109,31 @@ def test_deployments_are_scheduled_one_run_at_a_time_and_found_by_module():
     assert (shards.name, shards.work_queue_name, shards.entrypoint) == ("gpus", SHARD_QUEUE,
                                                                         "flows.shard.harmonize_shard")
     assert shards.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert SHARD_TAG in shards.tags  # what the zombie automation watches
+
+
+def test_a_fan_out_says_when_the_zombie_automation_is_missing_disabled_or_out_of_date(prefect_session):
+    from prefect.automations import Automation
+    from prefect.events.schemas.automations import EventTrigger
+
+    from flows.deploy import AUTOMATION_NAME, ensure_zombie_automation, zombie_automation_problem
+
+    assert zombie_automation_problem() == f"the automation {AUTOMATION_NAME!r} is missing"
+    automation = ensure_zombie_automation(40)
+    try:
+        assert zombie_automation_problem() is None
+        automation.disable()
+        assert zombie_automation_problem() == f"the automation {AUTOMATION_NAME!r} is disabled"
+        automation = ensure_zombie_automation(40)  # deploy again: enabled, and the trigger is current
+        assert zombie_automation_problem() is None
+        old = Automation.read(name=AUTOMATION_NAME)  # what an earlier release created: heartbeats only, every run
+        old.trigger = EventTrigger(after={"prefect.flow-run.heartbeat"}, expect=set(old.trigger.expect),
+                                   match=old.trigger.match, for_each={"prefect.resource.id"},
+                                   posture=old.trigger.posture, threshold=1, within=old.trigger.within)
+        old.update()
+        assert zombie_automation_problem() == f"the automation {AUTOMATION_NAME!r} is out of date"
+    finally:
+        Automation.read(name=AUTOMATION_NAME).delete()
 
 
 # --- flow runs ------------------------------------------------------------------------------------------------------

@@ -29,8 +29,15 @@ DEMO_OUT = "demo-out"
 DEMO_PRESET, DEMO_BACKBONE, DEMO_WEIGHTS = "quick", "vgg16", "offline-vgg16"  # the demo's small settings, explicitly
 
 
+# Prefect waits 20 s for its local ephemeral API to answer. Two `harmonize run` started at once on one machine share
+# its SQLite database, and the second server waits for the first one's start-up behind a file lock: on a loaded
+# machine that alone took over 20 s (measured at load 3 on 2 cores), and the second run died before its first item.
+EPHEMERAL_STARTUP_SECONDS = "180"
+
+
 def _configure_environment(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", QUIET_ENV["PREFECT_SERVER_ANALYTICS_ENABLED"])
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
     if not verbose:
         for name, value in QUIET_ENV.items():
             os.environ.setdefault(name, value)

@@ -133,7 +133,11 @@ class FanOut:
     def run(self, items: list[dict[str, Any]], shard_size: int) -> None:
         """Submit every shard and return when each item has a final row."""
         check_deployment(self.pool)
-        if problem := zombie_automation_problem():
+        try:
+            problem = zombie_automation_problem()
+        except Exception as error:  # a check, never a reason to stop the run
+            problem = f"the zombie automation could not be read ({error})"
+        if problem:
             get_run_logger().warning("%s: a shard whose worker dies would wait forever instead of being resubmitted; "
                                      "run `harmonize deploy --pool %s`", problem, self.pool, extra=PROGRESS)
         for position, item in enumerate(items, start=1):

@@ -147,33 +147,37 @@ def api(env: dict[str, str], path: str, body: dict) -> object:
         return json.loads(answer.read() or b"null")
 
 
+def server_events(env: dict[str, str], since: float, kinds: dict[str, list[str]]) -> list[dict]:
+    """Return the server's events since ``since`` (epoch s), oldest first, whose type matches ``kinds``
+    (``{"prefix": [...]}`` or ``{"name": [...]}``), following the API's pages."""
+    start = datetime.fromtimestamp(since, UTC).isoformat()
+    page = api(env, "/events/filter", {"filter": {"occurred": {"since": start}, "event": kinds, "order": "ASC"},
+                                       "limit": 50})
+    events = list(page.get("events", []))
+    while page.get("next_page") and len(events) < 1000:
+        with urllib.request.urlopen(page["next_page"], timeout=30) as answer:
+            page = json.loads(answer.read())
+        events += page.get("events", [])
+    return events
+
+
 def fleet_story(env: dict[str, str], since: float) -> str:
     """Return what the server saw since ``since`` (epoch s): each flow run's state, then flow-run and automation events.
 
-    A fleet test that times out prints this, so a red CI run says whether a heartbeat, the automation or a worker
-    was missing.
+    A fleet test that fails prints this, so a red CI run says whether a heartbeat, the automation or a worker was
+    missing.
     """
     lines = []
     try:
         runs = api(env, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC", "limit": 200})
-        names = {}
+        names = {run["id"]: run["name"] for run in runs}
         for run in runs:
-            names[run["id"]] = run["name"]
             state = run.get("state") or {}
             lines.append(f"run {run['name']}: {state.get('name')} {state.get('message') or ''}")
-        start = datetime.fromtimestamp(since, UTC).isoformat()
-        page = api(env, "/events/filter", {"filter": {"occurred": {"since": start},
-                                                      "event": {"prefix": ["prefect.flow-run.", "prefect.automation"]},
-                                                      "order": "ASC"}, "limit": 50})
-        for _ in range(20):
-            for event in page.get("events", []):
-                resource = event["resource"]["prefect.resource.id"]
-                name = names.get(resource.removeprefix("prefect.flow-run."), resource)
-                lines.append(f"{event['occurred'][11:19]} {event['event']} {name}")
-            if not page.get("next_page"):
-                break
-            with urllib.request.urlopen(page["next_page"], timeout=30) as answer:
-                page = json.loads(answer.read())
+        for event in server_events(env, since, {"prefix": ["prefect.flow-run.", "prefect.automation"]}):
+            resource = event["resource"]["prefect.resource.id"]
+            name = names.get(resource.removeprefix("prefect.flow-run."), resource)
+            lines.append(f"{event['occurred'][11:19]} {event['event']} {name}")
     except Exception as error:  # best effort: the server may be what failed
         lines.append(f"(could not read the server: {error})")
     return "\n".join(lines)
@@ -181,10 +185,8 @@ def fleet_story(env: dict[str, str], since: float) -> str:
 
 def crashed_runs(env: dict[str, str], since: float) -> list[str]:
     """Return the names of the flow runs the server saw enter Crashed since ``since`` (epoch s)."""
-    start = datetime.fromtimestamp(since, UTC).isoformat()
-    page = api(env, "/events/filter", {"filter": {"occurred": {"since": start},
-                                                  "event": {"name": ["prefect.flow-run.Crashed"]}}, "limit": 50})
-    return sorted(event["resource"].get("prefect.resource.name", "") for event in page["events"])
+    return sorted(event["resource"].get("prefect.resource.name", "")
+                  for event in server_events(env, since, {"name": ["prefect.flow-run.Crashed"]}))
 
 
 def summary_of(stdout: str) -> list[dict[str, str]]:

@@ -29,7 +29,6 @@ from harmonize_core.tau import (
     log_mtv,
 )
 
-DEFAULT_CASES = CASES_DIR
 LEVELS = (1.0, 5.0, 10.0)  # the authors' three levels (issue #6)
 CENTRE_GRID = [round(-4.5 + 0.005 * i, 3) for i in range(501)]  # log10(mtv) from -4.5 to -2.0
 WIDTH_GRID = [0.02, 0.05, 0.1, 0.2]
@@ -64,7 +63,7 @@ def summarise(name: str, taus: list[float], predictions: list[float]) -> dict[st
 
 
 def main(argv: list[str]) -> int:
-    folder = Path(argv[1]) if len(argv) > 1 else DEFAULT_CASES
+    folder = Path(argv[1]) if len(argv) > 1 else CASES_DIR
     if not (folder / "wikiart_output.txt").exists():
         print(f"{folder}: no wikiart_output.txt; pass the folder holding the reference cases (N_target.jpg, "
               "wikiart_output.txt)", file=sys.stderr)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.reference_cases import CASES_DIR
 from harmonize_core.config import MaskConfig
 from harmonize_core.images import decode_image, read_bytes
 from harmonize_core.masks import gaussian_kernel1d, separable_filter
@@ -35,7 +36,6 @@ from manifests.checks import (
     measure_consistency,
 )
 
-DEFAULT_CASES = REPO.parent / "shared" / "dph-cases"
 ERODE_PX = (20, 40)  # a mask drawn too tight: the object's outer band left out (px at 700)
 FEATHER_SIGMA_PX = (4, 8)  # a soft mask (px at 700)
 
@@ -109,4 +109,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_CASES)
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else CASES_DIR)

@@ -57,7 +57,6 @@ import torch  # noqa: E402
 from bench.reference_cases import CASES_DIR, authors_taus  # noqa: E402
 from harmonize_core.images import decode_png_exact, encode_png, quantize, read_bytes  # noqa: E402
 
-DEFAULT_CASES_DIR = CASES_DIR
 # Two cases per tau level of the authors (about 1, 5, 10), masks from 2.4% to 23.5% of the image.
 DEFAULT_CASES = (0, 16, 8, 24, 5, 23)
 DEFAULT_BF16_CASES = (0, 8)
@@ -75,7 +74,6 @@ SCORES = ("style", "structure", "seam")
 NOISE_FACTOR = 2.0
 MAX_OUTSIDE_PER_SCORE = 1
 WORST_FACTOR = 2.0
-read_taus = authors_taus
 
 
 def study_config(size: int, tau: float, **overrides):
@@ -105,7 +103,7 @@ class Case:
         from harmonize_core.stages import dilate, prepare_inputs
 
         self.index, self.size, self.folder = index, size, out / str(index)
-        self.genre, self.tau = read_taus(cases_dir)[index]
+        self.genre, self.tau = authors_taus(cases_dir)[index]
         self.config = study_config(size, self.tau)
         content, style, mask = load_item(*(cases_dir / f"{index}_{n}.jpg" for n in ("naive", "target", "c_mask")))
         self.inputs = prepare_inputs(content, style, mask, self.config)
@@ -257,7 +255,7 @@ def bf16(args, backbone) -> None:
 
 def score_precision(args) -> int:
     """Score the ``bf16`` runs: per case, bf16's and the jittered fp32's differences from fp32 (final images)."""
-    taus = read_taus(args.cases_dir)
+    taus = authors_taus(args.cases_dir)
     rows = []
     for folder in sorted(args.out.glob("*/precision_*")):
         case, n = int(folder.parent.name), int(folder.name.split("_")[1])
@@ -573,7 +571,7 @@ def pass1_stops(rows: list[dict], levels: float, patience: int, iterations: int)
 
 def scored_rows(args) -> list[dict]:
     """Return every case's scored rows, cached per case in ``scores.json`` (rescored when a run is newer)."""
-    taus = read_taus(args.cases_dir)
+    taus = authors_taus(args.cases_dir)
     rows = []
     for folder in case_folders(args.out):
         cache = folder / "scores.json"
@@ -751,7 +749,7 @@ def check(args) -> int:
     from harmonize_core import harmonize, load_item, preset
     from harmonize_core.vgg import load_backbone
 
-    taus = read_taus(args.cases_dir)
+    taus = authors_taus(args.cases_dir)
     backbone = load_backbone("vgg16", "offline-vgg16", device=args.device, ceil_mode=True)
     results = []
     for index in args.cases:
@@ -785,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("grid", "noise", "bf16", "score", "bf16-score", "check"))
     parser.add_argument("out", type=Path)
-    parser.add_argument("--cases-dir", type=Path, default=DEFAULT_CASES_DIR)
+    parser.add_argument("--cases-dir", type=Path, default=CASES_DIR)
     parser.add_argument("--cases", type=parse_cases, default=DEFAULT_CASES)
     parser.add_argument("--bf16-cases", type=parse_cases, default=DEFAULT_BF16_CASES)
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE)

@@ -42,7 +42,6 @@ import torch  # noqa: E402
 from bench.reference_cases import CASES_DIR, authors_taus  # noqa: E402
 from harmonize_core.images import decode_png_exact, encode_png, read_bytes  # noqa: E402
 
-DEFAULT_CASES = CASES_DIR
 OUTPUT_KINDS = ("naive", "pass1", "final", "erased")
 HARMONIZED_KINDS = ("pass1", "final")
 SCORE_KEYS = ("style", "structure", "seam")
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("run", "score"))
     parser.add_argument("out", type=Path)
-    parser.add_argument("--cases", type=Path, default=DEFAULT_CASES)
+    parser.add_argument("--cases", type=Path, default=CASES_DIR)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--only", default="", help="comma-separated case numbers")

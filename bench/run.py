@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from bench.reference_cases import CASES_DIR
 from harmonize_core import pass1 as pass1_module
 from harmonize_core import pass2 as pass2_module
 from harmonize_core import stages
@@ -72,7 +73,6 @@ from . import (
 from .evalcost import EVAL_NETS, EVAL_SIZES, EvalCost, evalcost_table, run_evalcost
 
 REPO = Path(__file__).resolve().parents[1]
-CASES_DIR = REPO.parent / "shared" / "dph-cases"
 DEFAULT_CASE = "8"  # 564x700, tight mask 14% of the image: above the cases' median (6%), so masking gains less
 PROCEDURAL = "procedural"
 PROCEDURAL_SEED = 5

@@ -123,9 +123,10 @@ class ValidationReport:
 
 
 def read_rows(uri: str) -> tuple[list[str], list[dict[str, str]]]:
-    """Return (column names, rows as {column: stripped cell}) of the CSV at ``uri``; ``InputError`` if unusable.
+    """Return (column names, rows as {column: cell}) of the CSV at ``uri``; ``InputError`` if unusable.
 
-    Known column names are normalised (case, surrounding spaces); unknown ones keep their spelling. An unnamed
+    Known column names are normalised (case, surrounding spaces) and their cells stripped; unknown columns keep
+    their name and cells verbatim (surrounding spaces and tabs included). An unnamed
     column with cells becomes ``column_<position>``; one without cells is dropped. A repeated name keeps its first
     column's cells (``validate_manifest`` reports the repeat).
     """
@@ -138,20 +139,23 @@ def read_rows(uri: str) -> tuple[list[str], list[dict[str, str]]]:
         raise InputError(f"{uri}: the manifest is empty; it needs a header row {','.join(REQUIRED_COLUMNS)}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise InputError(f"{uri}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
-    cells = [["" if pd.isna(v) else str(v).strip() for v in record] for record in frame.itertuples(index=False)]
+    # Known columns' cells are stripped; extra columns (notes, ...) are kept verbatim: stripping "\t=1+1" would
+    # turn text into a live spreadsheet formula in summary.csv and lose the value the curator wrote.
+    cells = [["" if pd.isna(v) else str(v) for v in record] for record in frame.itertuples(index=False)]
     header, body = cells[0], cells[1:]
     columns, keep = [], []
     for position, raw in enumerate(header):
         name = raw.replace(BOM, "").strip()
-        if not name and not any(line[position] for line in body):
+        if not name and not any(line[position].strip() for line in body):
             continue  # a trailing separator: no name and no cells
-        columns.append(name.lower() if name.lower() in COLUMNS else (name or f"{UNNAMED_COLUMN}{position + 1}"))
+        known = name.lower() in COLUMNS
+        columns.append(name.lower() if known else (raw.replace(BOM, "") if name else f"{UNNAMED_COLUMN}{position + 1}"))
         keep.append(position)
     rows = []
     for line in body:
         row: dict[str, str] = {}
         for name, position in zip(columns, keep, strict=True):
-            row.setdefault(name, line[position])
+            row.setdefault(name, line[position].strip() if name in COLUMNS else line[position])
         rows.append(row)
     return columns, rows
 

@@ -15,3 +15,7 @@ class WeightsUnavailableError(HarmonizeError):
 
 class StageTimeoutError(HarmonizeError):
     """An optimisation ran past its configured ``max_seconds`` (a deadline checked between iterations)."""
+
+
+class DivergedError(HarmonizeError):
+    """An optimisation diverged: a loss or the image gradient became NaN or infinite, or the loss exploded."""

@@ -15,6 +15,7 @@ and terms that declare a ``windowed`` form compute their loss and gradient there
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,10 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import StageTimeoutError
+from .architecture import TAPS
+from .errors import DivergedError, StageTimeoutError
 from .window import Window
 
 GRADIENT_EPS = 1e-8  # neural_paint.lua L537-539: g / (||g|| + 1e-8)
+# A total loss above this multiple of its value at the first evaluation has diverged (see ``LossGuard``).
+EXPLOSION_FACTOR = 1e3
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,6 @@ class Problem:
     windows: dict[str, Window] = field(init=False)
 
     def __post_init__(self) -> None:
-        from .vgg import TAPS
-
         indices = TAPS[self.backbone.arch]
         used = {t.layer for t in self.terms if t.layer != "image"}
         self.taps = sorted(used, key=indices.__getitem__)
@@ -328,6 +330,46 @@ class EarlyStopper:
         return self.quiet >= self.settings.stop_patience
 
 
+class LossGuard:
+    """Fails an optimisation that diverged, with one line naming the pass and the term (``DivergedError``).
+
+    ``check`` runs at every evaluation: a loss term that is NaN or infinite, an image gradient that holds a NaN or
+    an infinity, or a total loss above ``EXPLOSION_FACTOR`` times its value at the first evaluation (the start,
+    from which a working L-BFGS run only goes down: the paper's runs end at a fraction of it) all end the pass.
+    The explosion test reads the total, never a single term: pass 2's content term starts at 0 (the optimisation
+    starts from the content), so any growth of it is an infinite ratio to its own start; and a start total of 0
+    (nothing to optimise) disables it. ``DivergedError`` is a ``HarmonizeError``: the pipeline never retries it.
+    """
+
+    def __init__(self, stage: str, settings: LbfgsSettings) -> None:
+        self.stage = stage
+        self.settings = settings
+        self.start: float | None = None
+
+    def _fail(self, what: str, step: int) -> DivergedError:
+        return DivergedError(
+            f"{self.stage}: {what} at evaluation {step} of {self.settings.iterations}; the optimisation diverged "
+            f"and is not retried: lower {self.stage}.learning_rate (now {self.settings.learning_rate:g}) or check "
+            "this item's images")
+
+    def check(self, step: int, values: dict[str, float], total: float, grad: torch.Tensor | None = None) -> None:
+        """Return None when the losses (and ``grad``, when given) are sound; raise ``DivergedError`` otherwise."""
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise self._fail(f"the {name} loss became {'NaN' if math.isnan(value) else 'infinite'}", step)
+        if not math.isfinite(total):  # finite terms whose sum overflows
+            raise self._fail(f"the total loss became {'NaN' if math.isnan(total) else 'infinite'}", step)
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            raise self._fail("the image gradient became NaN or infinite (every loss term still finite)", step)
+        if self.start is None:
+            self.start = total
+        elif self.start > 0 and total > EXPLOSION_FACTOR * self.start:
+            name = max(values, key=values.__getitem__)
+            raise self._fail(f"the loss exploded ({name} {values[name]:.3g}; total {total:.3g} = "
+                             f"{total / self.start:.3g} x its start {self.start:.3g}, limit {EXPLOSION_FACTOR:g} x)",
+                             step)
+
+
 class _StopEarly(Exception):
     """Raised inside the L-BFGS closure to end the optimisation at the current image."""
 
@@ -388,10 +430,12 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
     early stopping is on, ``stopped_at`` (the iterations run, or None) and ``stop_changes`` [[evaluation, levels]].
     ``event(step, total, losses, elapsed, relative=..., image_change=..., image_change_max=...)`` builds the
     progress event passed to ``progress``. ``snapshots`` (optional) receives intermediate images (``Snapshots``).
+    Raises ``DivergedError`` (one line naming ``stage`` and the term) when the loss diverges (``LossGuard``).
     """
     x = x0.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     log = ProgressLog(problem)
     stopper = EarlyStopper(problem, settings)
+    guard = LossGuard(stage, settings)
     wanted = sorted(set(snapshots.at)) if snapshots is not None else []
     state = {"evaluations": 0, "last": {}, "stopped_at": None}
     started = time.perf_counter()
@@ -412,6 +456,7 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
             state["stopped_at"] = step
             raise _StopEarly
         total, values, grad = evaluate(problem, x)
+        guard.check(step, values, total, grad)
         x.grad = grad.contiguous()
         if step % max(1, settings.log_every) == 0:
             record(step, values, total)
@@ -435,6 +480,7 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
             pass
     # One more evaluation at the final image gives its true losses (L-BFGS's last step is not evaluated).
     total, values, _ = evaluate(problem, x)
+    guard.check(state["evaluations"], values, total)
     record(state["evaluations"], values, total)
     for n in wanted:  # beyond the run's end: the final image
         snapshots.keep(n, x.detach().clone(), {**values, "total": total})

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from harmonize_core.errors import DivergedError, HarmonizeError
 from harmonize_core.histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
 from harmonize_core.losses import (
     content_loss,
@@ -16,8 +17,9 @@ from harmonize_core.losses import (
     style_loss_and_gradient,
     total_variation,
 )
-from harmonize_core.objective import GRADIENT_EPS, Problem, SparseGradient, Term, evaluate
+from harmonize_core.objective import GRADIENT_EPS, LbfgsSettings, Problem, SparseGradient, Term, evaluate, optimise
 from harmonize_core.vgg import load_backbone
+from tasks.stages import is_transient
 
 
 def _backbone():
@@ -230,3 +232,78 @@ def test_a_term_without_a_windowed_form_runs_on_the_whole_map_beside_windowed_on
     assert torch.allclose(grad, grad_whole, rtol=1e-5, atol=1e-6 * grad_whole.abs().max())
     assert torch.allclose(grad, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
     assert values == pytest.approx(values_whole, rel=1e-5)
+
+
+# --- divergence: a NaN, an infinity or an explosion fails the pass with one line (LossGuard) -----------------------
+
+def _image_problem(*terms: Term, shape=(1, 3, 6, 5)) -> Problem:
+    """A problem of image-level terms only (no network pass): a stub backbone with identity preprocessing."""
+    from types import SimpleNamespace
+
+    backbone = SimpleNamespace(arch="vgg16", preprocessing=SimpleNamespace(deprocess=lambda x: x))
+    return Problem(backbone, list(terms), {}, torch.ones(shape), normalize=False)
+
+
+def _settings(iterations: int = 20, learning_rate: float = 1.0) -> LbfgsSettings:
+    return LbfgsSettings(iterations, learning_rate, history_size=5, tolerance_grad=-1.0, tolerance_change=-1.0,
+                         log_every=100)
+
+
+def _uphill(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss ||x||^2 with a gradient pointing uphill (-x): every L-BFGS step (lr 1 after the first) doubles x."""
+    return x.square().sum(), -x
+
+
+def test_an_exploding_loss_fails_the_pass_naming_the_term_and_the_evaluation():
+    problem = _image_problem(Term("style_relu4_1", "image", lambda x: x.square().sum(), 1.0, gradient=_uphill))
+    # Start total 90 x 0.5^2 = 22.5. The first step is 1/|g|_1 = 1/45 long (x * 46/45), every later one doubles x
+    # (curvature pairs with y.s < 0 are dropped): evaluation n >= 1 reads 22.5 (46/45)^2 4^(n-1), 2.41e4 at n = 6,
+    # the first above 1000 x 22.5.
+    x0 = torch.full((1, 3, 6, 5), 0.5)
+    with pytest.raises(DivergedError) as failure:
+        optimise(problem, x0, _settings(), stage="pass1")
+    message = str(failure.value)
+    assert message == ("pass1: the loss exploded (style_relu4_1 2.41e+04; total 2.41e+04 = 1.07e+03 x its start 22.5, "
+                       "limit 1000 x) at evaluation 6 of 20; the optimisation diverged and is not retried: lower "
+                       "pass1.learning_rate (now 1) or check this item's images")
+    assert isinstance(failure.value, HarmonizeError) and not is_transient(failure.value)
+
+
+@pytest.mark.parametrize(("bad", "what"), [(float("nan"), "NaN"), (float("inf"), "infinite")])
+def test_a_non_finite_loss_term_fails_at_once_with_one_line(bad, what):
+    def broken(x):
+        return torch.tensor(bad), torch.zeros_like(x)
+
+    problem = _image_problem(Term("tv", "image", lambda x: x.sum(), 1.0),
+                             Term("hist_relu1_1", "image", lambda x: x.sum(), 1.0, gradient=broken))
+    with pytest.raises(DivergedError) as failure:
+        optimise(problem, torch.rand(1, 3, 6, 5), _settings(5, 0.1), stage="pass2")
+    assert str(failure.value) == (f"pass2: the hist_relu1_1 loss became {what} at evaluation 0 of 5; the optimisation "
+                                  "diverged and is not retried: lower pass2.learning_rate (now 0.1) or check this "
+                                  "item's images")
+
+
+def test_a_non_finite_gradient_fails_even_when_every_loss_is_finite():
+    def bad_gradient(x):
+        grad = torch.zeros_like(x)
+        grad[0, 1, 2, 3] = float("nan")
+        return x.square().sum(), grad
+
+    problem = _image_problem(Term("content", "image", lambda x: x.square().sum(), 1.0, gradient=bad_gradient))
+    with pytest.raises(DivergedError) as failure:
+        optimise(problem, torch.rand(1, 3, 6, 5), _settings(5), stage="pass1")
+    assert str(failure.value).startswith("pass1: the image gradient became NaN or infinite (every loss term still "
+                                         "finite) at evaluation 0 of 5; ")
+
+
+def test_a_term_growing_from_zero_while_the_total_falls_is_not_an_explosion():
+    """Pass 2's shape: the content term starts at exactly 0 and grows without bound relative to that start, while
+    the total (dominated by the style term) falls: the pass completes."""
+    x0 = torch.zeros(1, 3, 6, 5)
+    target = torch.full_like(x0, 0.8)
+    problem = _image_problem(Term("content", "image", lambda x: (x - x0).square().sum(), 1.0),
+                             Term("style", "image", lambda x: 9.0 * (x - target).square().sum(), 1.0))
+    _, metrics = optimise(problem, x0, _settings(10, 0.1), stage="pass2")
+    start = metrics["curves"]["total"][0][1]
+    assert metrics["curves"]["content"][0][1] == 0.0 and metrics["final"]["content"] > 1.0
+    assert start == pytest.approx(9 * 90 * 0.64) and metrics["final"]["total"] < start

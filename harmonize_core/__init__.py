@@ -7,15 +7,16 @@ Pure functions on tensors: no orchestration, no storage. Three lines harmonize o
     outputs = harmonize(content, style, mask, preset("quick"))   # {stage: StageOutput(image, metrics)}
 """
 
-__version__ = "0.1.0"
-
 from .config import HarmonizeConfig, apply_overrides, preset
 from .errors import HarmonizeError, InputError, WeightsUnavailableError
 from .io import load_item, save_outputs
-from .stages import STAGES, Iterate, StageOutput, harmonize
+from .progress import Iterate
+from .stages import STAGES, StageOutput, harmonize
+from .version import __version__
 
 __all__ = [
     "STAGES",
+    "__version__",
     "HarmonizeConfig",
     "HarmonizeError",
     "InputError",

@@ -13,7 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, override_targets, preset
+from .estimate import describe_seconds, item_seconds, working_pixels
+from .io import load_item, save_outputs
+from .stages import harmonize, prepare_inputs
+from .vgg import load_backbone, resolve_device
+from .weights import describe_network
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -65,8 +72,6 @@ def _print_progress(event) -> None:
 
 def peak_memory() -> dict[str, float]:
     """Return peak memory so far: CPU RSS in MiB and, on CUDA, max allocated MiB."""
-    import torch
-
     peaks = {"cpu_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         peaks["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -75,12 +80,6 @@ def peak_memory() -> dict[str, float]:
 
 def run_one(args: argparse.Namespace) -> int:
     """Run ``harmonize one`` and return the exit code (0). ``HarmonizeError`` propagates to the caller."""
-    from .estimate import describe_seconds, item_seconds, working_pixels
-    from .io import load_item, save_outputs
-    from .stages import harmonize, prepare_inputs
-    from .vgg import load_backbone, resolve_device
-    from .weights import describe_network
-
     config = config_from_args(args)
     started = time.perf_counter()
     content, style, mask = load_item(args.content, args.style, args.mask, config.masks.binarize_threshold)

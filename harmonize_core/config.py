@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .weights_cache import default_caffe_vgg19
+
 PAPER_SIZE = 700  # gen_all.py L24,L33: the working long side every hyperparameter below was tuned at
 DEFAULT_TAU = 5.0  # the authors' middle level (issue #6: levels 1, 5, 10); the code itself has no default
 
@@ -220,8 +222,6 @@ CAFFE_BACKBONE_PRESETS = ("paper", "fast")
 def paper_backbone() -> dict[str, str]:
     """Return the backbone overrides of the paper preset: the configured Caffe VGG19 (``weights.default_caffe_vgg19``)
     or, when none is configured, the offline VGG16."""
-    from .weights import default_caffe_vgg19
-
     caffe = default_caffe_vgg19()
     if caffe:
         return {"backbone.name": "vgg19", "backbone.weights": caffe}

@@ -10,7 +10,10 @@ tell a user whether an item takes minutes or hours. There are no GPU figures yet
 
 from __future__ import annotations
 
+import torch
+
 from .config import HarmonizeConfig
+from .stages import STAGES
 
 REFERENCE_PIXELS = 564 * 700
 REFERENCE_THREADS = 2
@@ -38,8 +41,6 @@ def stage_seconds(config: HarmonizeConfig, stage: str, *, pixels: int | None = N
     """Return the estimated seconds of one stage on a CPU (None on other devices: not measured yet)."""
     if device_type != "cpu":
         return None
-    import torch
-
     pixels = pixels or working_pixels(config.sizing.size)
     scale = (pixels / REFERENCE_PIXELS) * (REFERENCE_THREADS / max(1, threads or torch.get_num_threads()))
     if stage in PASSES:
@@ -52,8 +53,6 @@ def stage_seconds(config: HarmonizeConfig, stage: str, *, pixels: int | None = N
 def item_seconds(config: HarmonizeConfig, *, pixels: int | None = None, device_type: str = "cpu",
                  threads: int | None = None) -> float | None:
     """Return the estimated seconds of a whole item (all five stages) on a CPU, or None on other devices."""
-    from .stages import STAGES
-
     parts = [stage_seconds(config, stage, pixels=pixels, device_type=device_type, threads=threads) for stage in STAGES]
     return None if any(p is None for p in parts) else float(sum(parts))
 

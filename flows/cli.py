@@ -142,6 +142,33 @@ def preflight(manifest: str, args: argparse.Namespace) -> None:
         raise InputError(f"{manifest}: manifest not found (give a CSV path or s3:// URI)")
 
 
+PATH_COMMANDS = ("run", "plan", "deploy", "serve", "report", "demo")  # commands whose paths other processes read
+PATH_ARGUMENTS = {"manifest": "manifest", "out": "--out", "only_failed": "--only-failed"}  # attribute: its name
+
+
+def absolute_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Make every local path a command hands to another process absolute against the folder it was typed in
+    (manifest, ``--out``, ``--only-failed``, a ``--weights`` file); return ``args``. ``InputError`` (one line) for a
+    value that is neither a local path nor an ``s3://`` URI."""
+    from .paths import absolute_location, absolute_weights
+
+    for attribute, name in PATH_ARGUMENTS.items():
+        if getattr(args, attribute, None):
+            setattr(args, attribute, absolute_location(getattr(args, attribute), name))
+    if getattr(args, "weights", None):
+        args.weights = absolute_weights(args.weights)
+    return args
+
+
+def warn_local_paths(pool: str, manifest: str | None, out: str | None) -> None:
+    """Print one warning line when a pooled run hands local paths to workers that may not share this disk."""
+    from .paths import local_paths_warning
+
+    warning = local_paths_warning(pool, {"manifest": manifest, "--out": out})
+    if warning:
+        print(f"harmonize: {warning}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``harmonize run MANIFEST --out URI``: run the flow; exit 0, or 1 when any item failed or was invalid."""
     if args.pool:
@@ -149,6 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         require_api()  # the pool's workers take shards from a Prefect server, not from this process
     preflight(args.manifest, args)
+    if args.pool:
+        warn_local_paths(args.pool, args.manifest, args.out)
     only_ids = None
     if args.only_failed:
         from .summary import rerun_ids
@@ -197,6 +226,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_api()
     preflight(args.manifest, args)
+    if args.pool:
+        warn_local_paths(args.pool, args.manifest, args.out)
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"  # read when each task runs, in this serving process
     manifest_flow(args).serve(name=args.name, cron=args.cron, tags=["harmonize"], limit=1,
@@ -214,6 +245,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
             raise InputError("deploy: a manifest needs --out (where its outputs go)")
         preflight(args.manifest, args)
+        warn_local_paths(args.pool, args.manifest, args.out)
     parameters = {k: v for k, v in flow_parameters(args).items() if k != "pool"} if args.manifest else {}
     done = deploy(args.pool, args.manifest, args.out, cron=args.cron, zombie_seconds=args.zombie_seconds,
                   **parameters)
@@ -223,10 +255,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """``harmonize worker --pool POOL [--gpus 0,1]``: one Prefect worker per GPU of this machine, pinned to it."""
-    from .workers import parse_gpus, supervise
+    """``harmonize worker --pool POOL [--gpus 0,1 | --cpu N]``: one Prefect worker per GPU of this machine, pinned to
+    it (or N CPU workers); exit 2 with one line when it would start no shard worker."""
+    from .workers import supervise, worker_gpus
 
-    return supervise(args.pool, parse_gpus(args.gpus), coordinator=args.coordinator)
+    gpus = worker_gpus(args.gpus, args.cpu, args.coordinator_only)
+    return supervise(args.pool, gpus, coordinator=args.coordinator or args.coordinator_only, cpu=args.cpu or 0)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -368,7 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="start this machine's Prefect workers: one per GPU, pinned to it")
     worker.add_argument("--pool", default=DEFAULT_POOL, help=f"work pool (default {DEFAULT_POOL})")
-    worker.add_argument("--gpus", default="auto", help="GPU ids to serve, e.g. 0,1 (default: every visible GPU)")
+    worker.add_argument("--gpus", default="auto", help="GPU ids to serve, e.g. 0,1 (default: every visible GPU; "
+                        "none visible is an error)")
+    worker.add_argument("--cpu", type=int, default=None, metavar="N",
+                        help="instead of GPU workers, start N workers that run shards on the CPU (a machine without "
+                             "a GPU, tests; share the cores with OMP_NUM_THREADS)")
+    worker.add_argument("--coordinator-only", action="store_true",
+                        help="start no shard worker, only the coordinator queue's (e.g. on a machine without a GPU)")
     worker.add_argument("--no-coordinator", dest="coordinator", action="store_false",
                         help="do not also serve the pool's coordinator queue (scheduled manifest runs)")
     worker.set_defaults(handler=cmd_worker, verbose=True)
@@ -389,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     from .text import one_line
 
     try:
+        if args.command in PATH_COMMANDS:
+            absolute_arguments(args)
         return args.handler(args)
     except HarmonizeError as exc:
         print(f"harmonize: error: {one_line(exc)}", file=sys.stderr)

@@ -9,6 +9,10 @@ A shard whose run ends without rows for all its items (Crashed: the worker was k
 Prefect's zombie automation marked the run, see ``flows.deploy``; Cancelled; Failed) is started again with just the
 missing items, on whichever worker is free: every stage it finished before is a cache hit there. After
 ``MAX_ATTEMPTS`` runs an item is reported failed with the shard's last state, never lost.
+
+Before the first shard starts, the run refuses a relative ``out`` (each worker would resolve it against its own
+temporary folder) and writes its marker ``<out>/runs/<run_id>/pool.json``; a shard on a worker that cannot see it
+(``out`` on another machine's disk) fails at once with one line saying so (``flows.paths``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from harmonize_core.errors import InputError
 from tasks import storage
 from tasks.stages import PROGRESS
 
-from .deploy import zombie_automation_problem
+from .automation import zombie_automation_problem
 from .item import variant_items
+from .paths import relative_path_problem, write_pool_marker
 from .progress import RunProgress
 from .shard import SHARD_FLOW
 from .summary import FAILED, write_row
@@ -131,8 +136,12 @@ class FanOut:
         self.progress.add(rows)
 
     def run(self, items: list[dict[str, Any]], shard_size: int) -> None:
-        """Submit every shard and return when each item has a final row."""
+        """Submit every shard and return when each item has a final row (``InputError`` for a relative ``out``)."""
+        relative = relative_path_problem({"out": self.out})
+        if relative:
+            raise InputError(relative)
         check_deployment(self.pool)
+        write_pool_marker(self.out, self.run_id, self.pool)
         try:
             problem = zombie_automation_problem()
         except Exception as error:  # a check, never a reason to stop the run

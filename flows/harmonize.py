@@ -28,6 +28,7 @@ from tasks.stages import PROGRESS
 
 from .fanout import FanOut
 from .item import variant_items
+from .paths import refuse_relative_when_deployed
 from .plan import plan_run
 from .progress import RunProgress
 from .shard import ITEMS_IN_FLIGHT, run_items_here
@@ -121,6 +122,7 @@ def harmonize_manifest(
     from harmonize_core.weights import describe_network
 
     logger = get_run_logger()
+    refuse_relative_when_deployed({"manifest": manifest, "out": out})  # flows.paths: a worker's folder is not ours
     run = RunSettings(preset=preset, overrides=dict(overrides or {})).with_overrides(backbone=backbone,
                                                                                       weights=weights)
     check_run_settings(run)

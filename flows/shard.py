@@ -4,6 +4,11 @@
 turns on the device, ``tasks.gpu``) and hands every finished row to ``on_rows`` as it arrives. ``harmonize run``
 without a pool calls it from the manifest flow; with a pool, each shard of items is a run of the
 ``harmonize-shard`` deployment on a GPU worker (``flows.fanout``), which calls it too.
+
+Before computing anything, a shard checks that this worker writes where the run reads (``flows.paths``): an ``out``
+that is relative (it would name a folder in the worker's temporary working folder) or in which the run's marker is
+not visible (another machine's local disk) fails the shard with one line, and an item whose local input files this
+worker cannot see fails with one line naming the file; nothing is computed into a folder nobody reads.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.caching import result_storage_for
+from tasks.gpu import worker_name
 from tasks.stages import PROGRESS
 
-from .item import ItemFailed, harmonize_item
+from .item import ItemFailed, harmonize_item, variant_items
+from .paths import invisible_input, pool_marker_problem
 from .summary import FAILED, write_row
 from .text import one_line
 
@@ -56,14 +63,35 @@ def run_items_here(items: list[dict[str, Any]], out: str, backbone: dict[str, An
 @flow(name=SHARD_FLOW, task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT))
 def harmonize_shard(items: list[dict[str, Any]], out: str, backbone: dict[str, Any], run_id: str,
                     device: str = "auto", first: int = 1, total: int = 0) -> dict[str, int]:
-    """Harmonize one shard of a run's items on this worker; return ``{items, rows, failed}``.
+    """Harmonize one shard of a run's items on this worker; return ``{items, rows, failed}``, or a ``Failed`` state
+    with one line when this worker cannot write where the run reads (``flows.paths.pool_marker_problem``).
 
-    Rows land in ``<out>/runs/<run_id>/items/`` for the manifest flow to collect; ``first``/``total`` only number
-    the progress lines (item 7/120).
+    Rows land in ``<out>/runs/<run_id>/items/`` for the manifest flow to collect; an item whose local input files
+    are not visible here gets a failed row naming the file. ``first``/``total`` only number the progress lines
+    (item 7/120).
     """
+    from prefect.states import Failed
+
     from harmonize_core.vgg import resolve_device
 
+    logger = get_run_logger()
+    problem = pool_marker_problem(out, run_id, worker_name())
+    if problem:
+        logger.error("%s", problem, extra=PROGRESS)
+        return Failed(message=problem)
+    runnable, rows = [], []
+    for item in items:
+        missing = invisible_input(item)
+        if missing is None:
+            runnable.append(item)
+            continue
+        logger.error("item %s failed: %s", item["id"], missing, extra=PROGRESS)
+        for variant in variant_items(item):
+            rows.append({"id": item["id"], "variant": variant.get("variant", ""), "row": item["row"],
+                         "status": FAILED, "error": missing, "worker": worker_name()})
+            write_row(out, run_id, rows[-1])
     resolved = str(resolve_device(device))
-    get_run_logger().info("shard of %d item(s) for run %s on %s", len(items), run_id, resolved, extra=PROGRESS)
-    rows = run_items_here(items, out, backbone, resolved, run_id, first=first, total=total or len(items))
+    logger.info("shard of %d item(s) for run %s on %s", len(items), run_id, resolved, extra=PROGRESS)
+    if runnable:
+        rows += run_items_here(runnable, out, backbone, resolved, run_id, first=first, total=total or len(items))
     return {"items": len(items), "rows": len(rows), "failed": sum(r["status"] == FAILED for r in rows)}

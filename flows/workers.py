@@ -7,6 +7,11 @@ turns on the device: ``tasks.gpu``). Unless ``--no-coordinator``, one more worke
 (``<host>-gpu<id>``) that its rows carry in the summary's ``worker`` column, and the heartbeat setting the zombie
 automation relies on.
 
+A command that would start no shard worker is refused with one line (exit 2): no GPU visible (``--gpus auto`` found
+none) would otherwise leave only the coordinator running while shards wait forever. ``--cpu N`` starts N workers
+that run shards on the CPU instead (``<host>-cpu<i>``, no GPU visible to them); ``--coordinator-only`` serves just
+the coordinator queue, on purpose.
+
 The supervisor restarts a worker that exits unexpectedly (after ``RESTART_DELAY_SECONDS``), except one whose GPU
 had a sticky CUDA error (its flow-run process leaves a marker in the state folder, see ``tasks.gpu``): that GPU is
 retired until someone checks it. Ctrl-C or SIGTERM stops every worker.
@@ -24,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harmonize_core.errors import InputError
 from tasks.gpu import STATE_DIR_ENV, STICKY_MARKER, WORKER_NAME_ENV
 
 from .deploy import COORDINATOR_QUEUE, SHARD_QUEUE, heartbeat_env, require_api
@@ -48,6 +54,37 @@ def parse_gpus(text: str | None) -> list[str]:
     if text in (None, "", "auto"):
         return visible_gpus()
     return [gpu.strip() for gpu in text.split(",") if gpu.strip()]
+
+
+def cuda_device_count() -> int:
+    """Return how many CUDA devices torch sees from this process (0 on a machine without a usable GPU)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def worker_gpus(text: str | None, cpu: int | None = None, coordinator_only: bool = False) -> list[str]:
+    """Return the GPU ids to start shard workers for: ``--gpus`` parsed, none with ``--cpu N`` or
+    ``--coordinator-only``. Raises ``InputError`` (one line) when the command would start no shard worker, or
+    combines flags that contradict each other."""
+    explicit = text not in (None, "", "auto")
+    if sum((explicit, cpu is not None, coordinator_only)) > 1:
+        raise InputError("worker: give one of --gpus, --cpu and --coordinator-only")
+    if coordinator_only:
+        return []
+    if cpu is not None:
+        if cpu < 1:
+            raise InputError(f"worker: --cpu {cpu}: give the number of CPU shard workers to start, 1 or more")
+        return []
+    gpus = parse_gpus(text)
+    if not gpus:
+        where = ("CUDA_VISIBLE_DEVICES is empty" if os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+                 else "torch sees no CUDA device")
+        asked = f"--gpus {text!r} names no GPU" if explicit else f"no GPU visible on this machine ({where})"
+        raise InputError(f"worker: {asked}, so no worker would take shards and runs would wait for ever: run it on "
+                         "a GPU machine, name the GPUs with --gpus 0,1, run shards on the CPU with --cpu N, or "
+                         "serve only the coordinator queue with --coordinator-only")
+    return gpus
 
 
 @dataclass
@@ -88,13 +125,15 @@ class WorkerProcess:
                 continue
 
 
-def plan_workers(gpus: list[str], coordinator: bool, state_dir: Path) -> list[WorkerProcess]:
-    """Return the workers to run: one per GPU id (pinned), plus the coordinator worker when asked."""
+def plan_workers(gpus: list[str], coordinator: bool, state_dir: Path, cpu: int = 0) -> list[WorkerProcess]:
+    """Return the workers to run: one per GPU id (pinned), ``cpu`` CPU workers (no GPU visible to them), plus the
+    coordinator worker when asked."""
     host = socket.gethostname()
     base = {**heartbeat_env(), STATE_DIR_ENV: str(state_dir)}
-    workers = [WorkerProcess(f"{host}-gpu{gpu}", SHARD_QUEUE,
-                             {**base, "CUDA_VISIBLE_DEVICES": gpu, WORKER_NAME_ENV: f"{host}-gpu{gpu}"})
-               for gpu in gpus]
+    slots = [(f"gpu{gpu}", gpu) for gpu in gpus] + [(f"cpu{index}", "") for index in range(cpu)]
+    workers = [WorkerProcess(f"{host}-{slot}", SHARD_QUEUE,
+                             {**base, "CUDA_VISIBLE_DEVICES": visible, WORKER_NAME_ENV: f"{host}-{slot}"})
+               for slot, visible in slots]
     if coordinator:
         workers.append(WorkerProcess(f"{host}-coordinator", COORDINATOR_QUEUE,
                                      {**base, WORKER_NAME_ENV: f"{host}-coordinator"}))
@@ -106,14 +145,21 @@ def sticky(worker: WorkerProcess, state_dir: Path) -> bool:
     return (state_dir / f"{worker.name}.{STICKY_MARKER}").exists()
 
 
-def supervise(pool: str, gpus: list[str], coordinator: bool = True, state_dir: Path | None = None) -> int:
-    """Run the workers until interrupted (restarting crashed ones, retiring sticky GPUs); return an exit code."""
+def supervise(pool: str, gpus: list[str], coordinator: bool = True, state_dir: Path | None = None,
+              cpu: int = 0) -> int:
+    """Run the workers until interrupted (restarting crashed ones, retiring sticky GPUs); return an exit code.
+
+    Raises ``InputError`` when there would be no worker at all (no GPU, no ``cpu`` worker, no coordinator).
+    """
     require_api()
-    if not gpus and not coordinator:
-        print("harmonize worker: no GPU visible here (pass --gpus or --coordinator)", file=sys.stderr)
-        return 2
+    if not gpus and not cpu and not coordinator:
+        raise InputError("worker: nothing to start: no GPU, no --cpu workers and --no-coordinator")
+    if gpus and cuda_device_count() == 0:
+        print(f"harmonize worker: warning: torch sees no CUDA device on this machine: the workers of --gpus "
+              f"{','.join(gpus)} will run their shards on the CPU (--cpu N says so explicitly)", file=sys.stderr,
+              flush=True)
     state_dir = state_dir or Path(tempfile.mkdtemp(prefix="harmonize-worker-"))
-    workers = plan_workers(gpus, coordinator, state_dir)
+    workers = plan_workers(gpus, coordinator, state_dir, cpu=cpu)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     for worker in workers:

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-NIGHTLY = "0 2 * * *"
-DEFAULT_POOL = "harmonize-gpu"  # flows.deploy.DEFAULT_POOL (not imported: `validate` stays free of Prefect)
-ZOMBIE_SECONDS = 90.0  # flows.deploy.ZOMBIE_SECONDS
+from .fleet_settings import DEFAULT_POOL, NIGHTLY, ZOMBIE_SECONDS  # plain constants: `validate` stays free of Prefect
+
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: no telemetry attempts
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # Prefect's own console lines and tracebacks

@@ -10,7 +10,7 @@ idempotent), on the Prefect server that ``PREFECT_API_URL`` names:
   nightly run fan items out to (``flows.fanout``); its runs send heartbeats every ``HEARTBEAT_SECONDS``;
 - with a manifest: the **manifest deployment** ``harmonize-manifest/nightly`` on queue ``coordinator`` with a cron
   schedule, one run at a time, fanning out to ``POOL``;
-- the **automation** ``AUTOMATION_NAME`` that marks a shard run Crashed when it has been silent for
+- the **automation** ``AUTOMATION_NAME`` (``flows.automation``) that marks a shard run Crashed when it has been silent for
   ``zombie_seconds`` after it started running or after its last heartbeat (Prefect's documented zombie-run
   detection, armed also by the server's own ``Running`` event so that a machine lost before its run's first
   heartbeat reached the server is caught too): a killed worker's shard run ends Crashed, and the fan-out sends its
@@ -24,20 +24,25 @@ storage. ``harmonize serve`` is the one-machine alternative: ``Flow.serve`` runs
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from harmonize_core.errors import InputError
 
-NIGHTLY = "0 2 * * *"
-DEFAULT_POOL = "harmonize-gpu"
-SHARD_QUEUE, COORDINATOR_QUEUE = "gpu", "coordinator"
-MANIFEST_DEPLOYMENT = "nightly"
-COORDINATOR_RUNS = 4
-HEARTBEAT_SECONDS = 30  # Prefect's minimum
-ZOMBIE_SECONDS = 3 * HEARTBEAT_SECONDS  # Prefect's docs: at least three heartbeats of silence before a run is dead
-AUTOMATION_NAME = "harmonize: mark silent runs crashed"
-SHARD_TAG = "harmonize-shard"  # the shard deployment's runs carry it; the zombie automation watches only them
+from .automation import ensure_zombie_automation
+from .automation import zombie_automation_problem as zombie_automation_problem
+from .automation import zombie_trigger as zombie_trigger
+from .fleet_settings import (
+    AUTOMATION_NAME,
+    COORDINATOR_QUEUE,
+    COORDINATOR_RUNS,
+    DEFAULT_POOL,
+    HEARTBEAT_SECONDS,
+    MANIFEST_DEPLOYMENT,
+    NIGHTLY,
+    SHARD_QUEUE,
+    SHARD_TAG,
+    ZOMBIE_SECONDS,
+)
 
 
 def require_api() -> str:
@@ -104,61 +109,6 @@ def deployment(manifest: str, out: str, cron: str = NIGHTLY, name: str = MANIFES
               "entrypoint_type": EntrypointType.MODULE_PATH} if work_pool else {})
     return harmonize_manifest.to_deployment(name=name, cron=cron, parameters=values, tags=["harmonize"],
                                             concurrency_limit=1, **extra)
-
-
-def zombie_trigger(seconds: float = ZOMBIE_SECONDS) -> Any:
-    """Return the automation's trigger: a shard run silent for ``seconds`` since ``Running`` or its last heartbeat."""
-    from prefect.events.schemas.automations import EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
-    return EventTrigger(
-        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
-        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
-        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-        match_related=ResourceSpecification({"prefect.resource.role": "tag",
-                                             "prefect.resource.id": f"prefect.tag.{SHARD_TAG}"}),
-        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=timedelta(seconds=seconds))
-
-
-def ensure_zombie_automation(seconds: float = ZOMBIE_SECONDS) -> Any:
-    """Create or update the automation marking shard runs Crashed after ``seconds`` of silence; return it.
-
-    Silence is counted from the run's ``Running`` event (emitted by the server) or its last heartbeat (sent by the
-    flow-run process every ``HEARTBEAT_SECONDS``), whichever came last; only runs tagged ``SHARD_TAG`` are watched.
-    """
-    from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-
-    trigger = zombie_trigger(seconds)
-    action = ChangeFlowRunState(state=StateType.CRASHED,
-                                message=f"no heartbeat for {seconds:.0f} s: the worker or its machine is gone")
-    try:
-        existing = Automation.read(name=AUTOMATION_NAME)
-    except ValueError:
-        return Automation(name=AUTOMATION_NAME, trigger=trigger, actions=[action]).create()
-    existing.trigger, existing.actions, existing.enabled = trigger, [action], True
-    existing.update()
-    return existing
-
-
-def zombie_automation_problem() -> str | None:
-    """Return why a lost worker's shard would go unnoticed on this server (automation missing, disabled or out of
-    date), or ``None`` when the automation ``harmonize deploy`` creates is in place."""
-    from prefect.automations import Automation
-
-    try:
-        automation = Automation.read(name=AUTOMATION_NAME)
-    except ValueError:
-        return f"the automation {AUTOMATION_NAME!r} is missing"
-    if not automation.enabled:
-        return f"the automation {AUTOMATION_NAME!r} is disabled"
-    want, have = zombie_trigger(), automation.trigger
-    if (getattr(have, "after", None), getattr(have, "expect", None), getattr(have, "match_related", None)) != (
-            want.after, want.expect, want.match_related):
-        return f"the automation {AUTOMATION_NAME!r} is out of date"
-    return None
 
 
 def deploy(pool: str = DEFAULT_POOL, manifest: str | None = None, out: str | None = None, cron: str = NIGHTLY,

@@ -59,7 +59,7 @@ def absolute_location(value: str, what: str) -> str:
 def split_weights(source: str) -> tuple[str, str]:
     """Return ``(body, suffix)`` of a ``--weights`` source: ``("w.pth", "#caffe")`` for ``w.pth#caffe``, the source
     and ``""`` when it has no input-convention suffix (the core's own rule, ``harmonize_core.weights``)."""
-    from harmonize_core.vgg import PREPROCESSINGS
+    from harmonize_core.preprocessing import PREPROCESSINGS
 
     text = source.strip()
     body, mark, convention = text.rpartition(WEIGHTS_CONVENTION_MARK)

@@ -1,8 +1,13 @@
-"""The run's backbone: resolve the weights source (downloading ``s3://`` files once), load it, name its digest.
+"""The run's backbone: name its weights' digest without loading anything, and load it where a stage runs.
 
-The flow resolves the backbone once per run (``backbone_spec``) to learn the weights' digest that keys pass1/pass2;
-tasks call ``load_for_task`` with that spec, which loads through the core's in-process cache (so items share one
-network) and checks that the weights still have the digest the keys were computed with.
+The flow and ``harmonize plan`` call ``backbone_spec`` once per run to learn the digest that keys pass1/pass2. It
+builds no network and reads no tensor (``harmonize_core.weights.weights_digest``): a registered source's pinned
+hash, a local file's sha256, the seed string of ``random:<seed>``; an ``s3://`` file's sha256 comes from storage
+(the digest the pipeline wrote beside the object, else the object's bytes hashed), nothing saved to disk. So a
+coordinator that fans items out to a pool, or a plan, never needs the network's memory or a download of the
+weights. Tasks call ``load_for_task`` with the spec: it downloads an ``s3://`` file once, loads through the core's
+in-process cache (items share one network) and checks the weights still have the digest the keys were computed
+with.
 """
 
 from __future__ import annotations
@@ -12,17 +17,17 @@ from typing import Any
 
 from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import InputError
+from harmonize_core.vgg import Backbone, load_backbone
+from harmonize_core.weights import weights_digest
+from harmonize_core.weights_cache import CONVENTION_MARK, cache_dir
 
 from . import storage
 
-CONVENTION_MARK = "#"  # harmonize_core.weights: "<file>#caffe" names the file's input convention
 S3_SUBDIR = "s3"  # downloaded s3:// weights files live beside the core's converted weights
 
 
 def weights_cache_dir() -> Path:
     """Return the local folder for downloaded weights files: ``<core weights cache>/s3`` (``$HARMONIZE_CACHE_DIR``)."""
-    from harmonize_core.weights import cache_dir
-
     return cache_dir() / S3_SUBDIR
 
 
@@ -37,20 +42,33 @@ def local_weights(source: str) -> str:
     return f"{storage.fetch_to_local(uri, weights_cache_dir())}{mark}{convention}"
 
 
-def backbone_spec(config: HarmonizeConfig, device: str) -> dict[str, Any]:
-    """Return ``{name, weights, ceil_mode, digest}`` of the run's backbone, loading it once (on ``device``)."""
-    from harmonize_core.vgg import load_backbone
+def source_digest(arch: str, source: str) -> str:
+    """Return the digest loading ``source`` as ``arch`` weights would report, without loading or downloading it.
 
+    Raises ``InputError`` for an ``s3://`` file that does not exist, and what ``weights_digest`` raises otherwise
+    (an unknown name, a missing local file).
+    """
+    if not storage.is_s3(source):
+        return weights_digest(arch, source)
+    uri = source.partition(CONVENTION_MARK)[0]
+    digest = storage.digest(uri)
+    if digest is None:
+        raise InputError(f"weights {uri}: not found (check the path, the bucket and AWS_ENDPOINT_URL)")
+    return digest
+
+
+def backbone_spec(config: HarmonizeConfig, device: str | None = None) -> dict[str, Any]:
+    """Return ``{name, weights, ceil_mode, digest}`` of the run's backbone, building no network (``source_digest``).
+
+    ``device`` is not used (nothing is loaded here); it is accepted so that callers may still pass the run's device.
+    """
     section = config.backbone
-    loaded = load_backbone(section.name, local_weights(section.weights), device=device, ceil_mode=section.ceil_mode)
     return {"name": section.name, "weights": section.weights, "ceil_mode": section.ceil_mode,
-            "digest": loaded.digest}
+            "digest": source_digest(section.name, section.weights)}
 
 
-def load_for_task(spec: dict[str, Any], device: str):
+def load_for_task(spec: dict[str, Any], device: str) -> Backbone:
     """Return the loaded ``Backbone`` for ``spec`` on ``device``; ``InputError`` if its weights changed since."""
-    from harmonize_core.vgg import load_backbone
-
     loaded = load_backbone(spec["name"], local_weights(spec["weights"]), device=device, ceil_mode=spec["ceil_mode"])
     if loaded.digest != spec["digest"]:
         raise InputError(f"weights {spec['weights']}: digest changed during the run ({loaded.digest[:12]} != "

@@ -6,14 +6,19 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
 from flows.cli import main
 from flows.harmonize import harmonize_manifest, input_index
 from flows.plan import CACHED, NEW, STALE, plan_run
 from flows.summary import STATUS_NAME, read_summary, rerun_ids
+from harmonize_core import vgg
+from harmonize_core import weights as weights_module
 from harmonize_core.stages import STAGES
 from manifests import RunSettings, validate_manifest
+from tasks import backbones
 from tasks.backbones import backbone_spec
 
 FLAGS = ["--backbone", TEST_BACKBONE, "--weights", TEST_WEIGHTS, "--device", "cpu"]
@@ -63,6 +68,31 @@ def test_a_plan_names_what_an_edit_recomputes_and_why_without_computing(prefect_
     changed = statuses(plan_of(tiny_manifest, out))[("a", "")]
     assert changed["dilate"] == (STALE, "input mask changed")
     assert changed["pass1"] == (STALE, "upstream dilate recomputes")
+
+
+@pytest.mark.parametrize(("backbone", "weights"), [("vgg16", "offline-vgg16"), ("vgg19", "imagenet"),
+                                                  (TEST_BACKBONE, TEST_WEIGHTS)])
+def test_a_plan_on_a_new_output_folder_loads_no_network(tiny_manifest, tmp_path, monkeypatch, capsys, backbone,
+                                                         weights):
+    def refuse(*args, **kwargs):
+        pytest.fail("harmonize plan loaded weights, downloaded them or built a network")
+
+    torch_home, cache = tmp_path / "torch", tmp_path / "weights-cache"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv(weights_module.CACHE_DIR_ENV, str(cache))
+    for name in (weights_module.OFFLINE_WHEEL_ENV, weights_module.CAFFE_VGG19_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for owner, name in ((weights_module, "load_state_dict"), (vgg, "load_backbone"), (backbones, "load_backbone"),
+                        (vgg.VGGFeatures, "__init__"), (weights_module.subprocess, "run"),
+                        (torch.hub, "download_url_to_file")):
+        monkeypatch.setattr(owner, name, refuse)
+    out = tmp_path / "new-out"
+    flags = ["--backbone", backbone, "--weights", weights, "--device", "cpu", "--json"]
+    assert main(["plan", str(tiny_manifest), "--out", str(out), *flags]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [(item["id"], [s["status"] for s in item["stages"]]) for item in plan["items"]] == [
+        ("a", [NEW] * len(STAGES)), ("b", [NEW] * len(STAGES))]
+    assert not torch_home.exists() and not cache.exists()
 
 
 def test_tau_variants_share_pass1_and_each_get_a_pass2(prefect_api, tmp_path):

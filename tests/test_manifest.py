@@ -69,7 +69,8 @@ def test_every_problem_is_reported_at_once_with_row_and_column(problem_manifest)
     assert "duplicate id 'dup' (also on row 5)" in messages[4, "id"]
     assert "file not found" in messages[6, "content"] and "nope.png" in messages[6, "content"]
     assert "not a readable image" in messages[7, "style"]
-    assert "differs from the content's 64x48" in messages[8, "mask"]
+    assert messages[8, "mask"] == ("size 40x40 differs from the content's and the style's 64x48; the composite, "
+                                   "the painting and the mask must have the same size")
     assert "mask is empty" in messages[9, "mask"]
     assert "tau" in messages[10, "tau"] and "whole number" in messages[11, "pass1_iters"]
     assert "unknown preset 'rapid'" in messages[11, "preset"]

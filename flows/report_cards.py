@@ -7,14 +7,14 @@ Also the summary's file name and the columns the report knows (every other colum
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tasks import storage
+
+from .csvsafe import read_csv
 
 SUMMARY_NAME = "summary.csv"  # the name flows.summary writes (kept here so the report never imports torch-heavy code)
 COMPLETED, FAILED, INVALID, WARNED = "completed", "failed", "invalid", "warned"
@@ -46,9 +46,9 @@ class Card:
 
 
 def read_rows(summary_uri: str) -> list[dict[str, str]]:
-    """Return the summary's rows as dicts of strings (missing cells "", cells beyond the header dropped)."""
-    text = storage.read_bytes(summary_uri).decode("utf-8-sig")
-    return [{key: value or "" for key, value in row.items() if key is not None} for row in csv.DictReader(io.StringIO(text))]
+    """Return the summary's rows as dicts of strings as they were written (``flows.csvsafe.read_csv``: missing
+    cells "", cells beyond the header dropped, cells of any length)."""
+    return read_csv(storage.read_bytes(summary_uri))
 
 
 def group_cards(rows: list[dict[str, str]]) -> list[Card]:

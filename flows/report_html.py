@@ -3,7 +3,8 @@
 The strip shows the painting, the composite with the mask outlined, pass 1 and the final image (one per tau variant,
 side by side, captioned with its tau and quality scores, the best of each score in bold); each thumbnail links to
 the full image when it lies under ``<out>``, and every link is relative. The details give per-stage seconds, final
-losses and any extra manifest columns. Rendering a card writes its thumbnails (``flows.report_thumbs``).
+losses and any extra manifest columns. Rendering a card writes its thumbnails (``flows.report_thumbs``). A text
+cell longer than ``CELL_CHARS`` is cut there on the card, saying how much more ``summary.csv`` holds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .report_cards import (
     INVALID,
     QUALITY_COLUMNS,
     SHARED_STAGES,
+    SUMMARY_NAME,
     Card,
     as_float,
 )
@@ -36,6 +38,7 @@ QUALITY_LEGEND = {
 }
 QUALITY_BEST = {"quality_style": min, "quality_structure": max, "quality_seam": min}  # among tau variants: bold
 NUMBER_DIGITS = 4  # significant digits of losses and scores on the cards
+CELL_CHARS = 2000  # a longer error, warning or extra cell is cut on the card (summary.csv has it whole)
 
 
 def render_card(card: Card, out: str, page_folder: str) -> str:
@@ -182,10 +185,10 @@ def _card_messages(card: Card) -> str:
     for row in card.rows:
         prefix = f"&tau; {_number(row.get('tau', ''))}: " if len(card.rows) > 1 and row.get("error") else ""
         if row.get("error"):
-            parts.append(f'<p class="error">{prefix}{html.escape(row["error"])}</p>')
+            parts.append(f'<p class="error">{prefix}{clip(row["error"])}</p>')
     warnings = dict.fromkeys(w.strip() for r in card.rows for w in r.get("warnings", "").split(";") if w.strip())
     if warnings:
-        parts.append('<ul class="warnings">' + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
+        parts.append('<ul class="warnings">' + "".join(f"<li>{clip(w)}</li>" for w in warnings) + "</ul>")
     if len(card.rows) > 1:
         parts.append('<p class="hint">Pick a variant: put its &tau; value in the manifest&#39;s <code>tau</code> column '
                      'and rerun.</p>')
@@ -209,9 +212,16 @@ def _card_details(card: Card) -> str:
     if losses:
         parts.append(f'<p class="times">final loss: {" &middot; ".join(losses)}</p>')
     if extra:
-        parts.append('<dl class="extra">' + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
+        parts.append('<dl class="extra">' + "".join(f"<dt>{clip(k)}</dt><dd>{clip(v)}</dd>"
                                                      for k, v in extra.items()) + "</dl>")
     return "".join(parts)
+
+
+def clip(text: str, limit: int = CELL_CHARS) -> str:
+    """Return ``text`` HTML-escaped, cut after ``limit`` characters with a note of how many more there are."""
+    if len(text) <= limit:
+        return html.escape(text)
+    return f'{html.escape(text[:limit])}<span class="cut">&hellip; ({len(text) - limit:,} more characters in {SUMMARY_NAME})</span>'
 
 
 def _seconds(text: str) -> str:

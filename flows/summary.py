@@ -6,12 +6,12 @@
   rewritten while the run goes on and at its end;
 - ``<out>/status.csv``: one row per id (and variant) across all runs: last status, last run, final output,
   warnings; updated at the end of every run under a storage lock, so two runs ending together lose nothing.
+
+Both CSVs are written spreadsheet-safe and read back exactly (``flows.csvsafe``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 import uuid
@@ -21,6 +21,8 @@ from harmonize_core.errors import InputError
 from harmonize_core.stages import STAGES
 from manifests import Problem, ValidationReport
 from tasks import storage
+
+from .csvsafe import read_csv, to_csv_bytes
 
 SUMMARY_NAME = "summary.csv"
 STATUS_NAME = "status.csv"
@@ -67,15 +69,11 @@ def row_order(row: dict[str, Any]) -> tuple:
 
 
 def to_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> bytes:
-    """Return ``rows`` as CSV bytes: ``columns`` first, then any other keys in first-seen order."""
+    """Return ``rows`` as spreadsheet-safe CSV bytes (``flows.csvsafe``): ``columns`` first, then any other keys in
+    first-seen order."""
     flat = [flatten(row) for row in rows]
     extra = list(dict.fromkeys(k for row in flat for k in row if k not in columns))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*columns, *extra], extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in flat:
-        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in [*columns, *extra]})
-    return buffer.getvalue().encode()
+    return to_csv_bytes(flat, [*columns, *extra])
 
 
 def write_summary(uri: str, rows: list[dict[str, Any]]) -> str:
@@ -85,9 +83,9 @@ def write_summary(uri: str, rows: list[dict[str, Any]]) -> str:
 
 
 def read_summary(uri: str) -> list[dict[str, str]]:
-    """Return the rows of a ``summary.csv`` or ``status.csv`` (local or ``s3://``) as dicts of strings."""
-    text = storage.read_bytes(uri).decode("utf-8")
-    return list(csv.DictReader(io.StringIO(text)))
+    """Return the rows of a ``summary.csv`` or ``status.csv`` (local or ``s3://``) as dicts of strings, every cell
+    as it was given to the writer (``flows.csvsafe.read_csv``; missing cells "")."""
+    return read_csv(storage.read_bytes(uri))
 
 
 def rerun_ids(uri: str) -> list[str]:

@@ -28,6 +28,7 @@ from .errors import DivergedError, StageTimeoutError
 from .window import Window
 
 GRADIENT_EPS = 1e-8  # neural_paint.lua L537-539: g / (||g|| + 1e-8)
+REPORTING_ONLY = ("ProgressLog",)  # tasks.code_digest: these decide no pixel and are left out of cache keys
 # A total loss above this multiple of its value at the first evaluation has diverged (see ``LossGuard``).
 EXPLOSION_FACTOR = 1e3
 

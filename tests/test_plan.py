@@ -18,7 +18,7 @@ from harmonize_core import vgg
 from harmonize_core import weights as weights_module
 from harmonize_core.stages import STAGES
 from manifests import RunSettings, validate_manifest
-from tasks import backbones
+from tasks import backbones, caching, code_digest
 from tasks.backbones import backbone_spec
 
 FLAGS = ["--backbone", TEST_BACKBONE, "--weights", TEST_WEIGHTS, "--device", "cpu"]
@@ -42,7 +42,8 @@ def statuses(plan) -> dict[tuple[str, str], dict[str, tuple[str, str]]]:
     return {(item.id, item.variant): {s.stage: (s.status, s.reason) for s in item.stages} for item in plan.items}
 
 
-def test_a_plan_names_what_an_edit_recomputes_and_why_without_computing(prefect_api, tiny_manifest, tmp_path):
+def test_a_plan_names_what_an_edit_recomputes_and_why_without_computing(prefect_api, tiny_manifest, tmp_path,
+                                                                        monkeypatch):
     out = tmp_path / "out"
     fresh = plan_of(tiny_manifest, out)
     assert {s for stages in statuses(fresh).values() for s, _ in stages.values()} == {NEW}
@@ -63,6 +64,16 @@ def test_a_plan_names_what_an_edit_recomputes_and_why_without_computing(prefect_
     assert [b[s][0] for s in ("dilate", "pass1", "blend")] == [CACHED] * 3
     assert b["pass2"] == (STALE, "setting pass2.iterations 3 -> 4")
     assert b["reconstruct"] == (STALE, "upstream pass2 recomputes")
+
+    # an upgrade that changes one stage's computation: that stage and the ones after it (through its output)
+    installed = code_digest.installed_code_digests()
+    upstream = {s: f"upstream {before} recomputes" for before, s in zip(STAGES, STAGES[1:], strict=False)}
+    for stage, stale in (("pass1", STAGES[1:]), ("reconstruct", STAGES[-1:])):
+        monkeypatch.setattr(caching, "installed_code_digests", lambda stage=stage: {**installed, stage: "upgraded"})
+        upgraded = statuses(plan_of(tiny_manifest, out))[("a", "")]
+        assert upgraded == {s: (STALE, "code changed" if s == stage else upstream[s]) if s in stale else (CACHED, "")
+                            for s in STAGES}
+    monkeypatch.setattr(caching, "installed_code_digests", lambda: installed)
 
     (tiny_manifest.parent / "a" / "mask.png").write_bytes((tiny_manifest.parent / "b" / "mask.png").read_bytes())
     changed = statuses(plan_of(tiny_manifest, out))[("a", "")]

@@ -23,6 +23,7 @@ QUIET_ENV = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # Prefect's own console lines and tracebacks
 }
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PRINTED_PROBLEMS = 20  # failed/invalid/unfinished rows printed at the end of a run; the rest as a count
 RUN_OVERRIDES = ("tau", "size", "pass1_iters", "pass2_iters", "max_seconds")  # run-level defaults rows may override
 DEMO_OUT = "demo-out"
 DEMO_PRESET, DEMO_BACKBONE, DEMO_WEIGHTS = "quick", "vgg16", "offline-vgg16"  # the demo's small settings, explicitly
@@ -112,9 +113,11 @@ def run_flow(manifest: str, out: str, args: argparse.Namespace, only_ids: list[s
     if isinstance(result, HarmonizeError):
         raise result
     if isinstance(result, ItemsFailed):
-        for row in result.rows:
-            if row["status"] != "completed":
-                print(f"{row['status']}: {row['id'] or 'row ' + str(row['row'])}: {row['error']}", file=sys.stderr)
+        broken = [row for row in result.rows if row["status"] != "completed"]
+        for row in broken[:PRINTED_PROBLEMS]:
+            print(f"{row['status']}: {row['id'] or 'row ' + str(row['row'])}: {row['error']}", file=sys.stderr)
+        if len(broken) > PRINTED_PROBLEMS:
+            print(f"... and {len(broken) - PRINTED_PROBLEMS} more (all in the summary and the report)", file=sys.stderr)
         print(f"{result} ({seconds:.0f} s); rerun them with --only-failed {result.summary_uri}", file=sys.stderr)
         if result.report_uri:
             print(f"report: {result.report_uri}", file=sys.stderr)
@@ -179,9 +182,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         warn_local_paths(args.pool, args.manifest, args.out)
     only_ids = None
     if args.only_failed:
-        from .summary import rerun_ids
+        from .harmonize import manifest_ids
+        from .summary import rerun_selection
 
-        only_ids = rerun_ids(args.only_failed)
+        only_ids, gone = rerun_selection(args.only_failed, manifest_ids(args.manifest))
+        if gone:
+            more = len(gone) - PRINTED_PROBLEMS
+            listed = ", ".join(gone[:PRINTED_PROBLEMS]) + (f" and {more} more" if more > 0 else "")
+            print(f"warning: skipping {len(gone)} id(s) of {args.only_failed} no longer in {args.manifest}: {listed}",
+                  file=sys.stderr)
         if not only_ids:
             print(f"nothing to rerun: {args.only_failed} lists no failed or invalid items")
             return EXIT_OK
@@ -293,30 +302,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harmonize_core.errors import InputError
 
     from .report import build_report, latest_run
-    from .summary import read_rows, write_summary
+    from .summary import describe_end, rebuild_summary
 
     run_id = args.run or latest_run(args.out)
     if run_id is None:
         raise InputError(f"{args.out}: no run with a summary.csv under runs/ (give --run ID)")
-    rows = read_rows(args.out, run_id)  # a killed run's finished rows, possibly newer than its last summary
-    if rows:
-        from tasks import storage
-
-        summary = read_summary_or_empty(storage.run_uri(args.out, run_id, "summary.csv"))
-        known = {(r.get("id"), r.get("variant") or "") for r in rows}
-        rows += [r for r in summary if (r.get("id"), r.get("variant") or "") not in known]  # invalid rows
-        write_summary(storage.run_uri(args.out, run_id, "summary.csv"), rows)
+    state, rows = rebuild_summary(args.out, run_id)  # finished, invalid, and planned rows that never finished
+    ended = describe_end(state, rows)
+    if ended:
+        print(f"warning: {ended}", file=sys.stderr)
     print(build_report(args.out, run_id))
     return EXIT_OK
-
-
-def read_summary_or_empty(uri: str) -> list[dict[str, str]]:
-    """Return a summary's rows, or none when it was never written."""
-    from tasks import storage
-
-    from .summary import read_summary
-
-    return read_summary(uri) if storage.exists(uri) else []
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:

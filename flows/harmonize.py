@@ -8,6 +8,12 @@ is kept current. A failed item never stops the others: the flow waits for every 
 artifact, ``<out>/status.csv`` and the run report, and only then raises ``ItemsFailed`` so that the run's final
 state says how many items failed. Bad manifests (unreadable, missing columns; any invalid row with ``strict``) raise
 ``ManifestError`` before anything runs.
+
+Before the first item runs, ``runs/<run_id>/started.json`` lists every planned output and ``summary.csv`` holds the
+invalid rows; at the end ``ended.json`` says whether the run finished or stopped (``flows.run_record``), and every
+planned output without a result is an ``unfinished`` row. A run interrupted by an exception (Ctrl-C, a crash of the
+flow itself) still writes its summary, status and report before re-raising; one killed outright leaves
+``started.json`` without an end, which ``harmonize report`` turns into the same truth.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .item import variant_items
 from .paths import refuse_relative_when_deployed
 from .plan import plan_run
 from .progress import RunProgress
+from .run_record import FINISHED, STOPPED, planned_row, record_end, record_start, run_state, unfinished_rows
 from .shard import ITEMS_IN_FLIGHT, run_items_here
 from .summary import COMPLETED, counts, invalid_rows, publish_artifact, update_status
 from .text import one_line
@@ -73,17 +80,47 @@ def check_report(report: ValidationReport, strict: bool) -> None:
                             f"(run `harmonize validate {report.manifest}` for all)")
 
 
-def finish_run(out: str, run_id: str, progress: RunProgress) -> tuple[str, str]:
-    """Write the final summary, the table artifact, ``status.csv``, the report and its markdown artifact; return
-    (summary URI, report URI, "" when the report could not be built: the run's outcome does not depend on it)."""
+def manifest_ids(manifest: str) -> set[str] | None:
+    """Return every id in the manifest (valid rows or not), or None when it cannot be read again."""
+    from manifests.validate import read_rows
+
+    try:
+        return {row.get("id", "") for row in read_rows(manifest)[1]}
+    except Exception:  # noqa: BLE001 - only status.csv's left_manifest marks depend on it
+        return None
+
+
+def log_findings(report: ValidationReport) -> None:
+    """Log the manifest's problems and warnings one per line: the first ``manifests.validate.SHOWN_FINDINGS``, then
+    one line counting the rest (``ValidationReport.lines``; every invalid row is in the summary)."""
+    logger = get_run_logger()
+    for line in report.lines():
+        logger.warning("%s", line, extra=PROGRESS)
+
+
+def finish_run(out: str, run_id: str, progress: RunProgress, ids: set[str] | None = None,
+               stopped: str = "") -> tuple[str, str]:
+    """Write the final summary, the table artifact, ``status.csv``, ``ended.json``, the report and its markdown
+    artifact; return (summary URI, report URI, "" when the report could not be built: the run's outcome does not
+    depend on it).
+
+    Every planned output without a row becomes an ``unfinished`` row. ``ids``: every id of the manifest (marks ids
+    that left it in ``status.csv``). ``stopped``: the one-line reason the run stopped early ("" when it finished).
+    """
     from prefect.artifacts import create_markdown_artifact
 
     from .report import build_report, report_markdown
 
     logger = get_run_logger()
+    record_end(out, run_id, STOPPED if stopped else FINISHED, stopped)
+    missing = unfinished_rows(run_state(out, run_id), progress.rows)
+    progress.rows += missing
     summary_uri = progress.write()
     publish_artifact(progress.rows, summary_uri)
-    update_status(out, run_id, progress.rows)
+    update_status(out, run_id, progress.rows, manifest_ids=ids)
+    if missing:
+        logger.warning("%d planned output(s) never finished (status unfinished): %s", len(missing),
+                       missing[0]["error"], extra=PROGRESS)
     logger.info("summary: %s", summary_uri, extra=PROGRESS)
     try:
         report_uri = build_report(out, run_id)
@@ -118,9 +155,6 @@ def harmonize_manifest(
     (``--only-failed``). ``pool`` sends the items, ``shard_size`` per shard, to that GPU work pool's workers.
     Raises ``ManifestError`` for an unusable manifest and ``ItemsFailed`` when any item failed or was invalid.
     """
-    from harmonize_core.vgg import resolve_device
-    from harmonize_core.weights import describe_network
-
     logger = get_run_logger()
     refuse_relative_when_deployed({"manifest": manifest, "out": out})  # flows.paths: a worker's folder is not ours
     run = RunSettings(preset=preset, overrides=dict(overrides or {})).with_overrides(backbone=backbone,
@@ -128,16 +162,42 @@ def harmonize_manifest(
     check_run_settings(run)
     report = validate_manifest(manifest, run, only_ids, strict_warnings=strict, index=input_index(out))
     check_report(report, strict)
-    for problem in report.problems:
-        logger.warning("invalid: %s", problem.describe(manifest), extra=PROGRESS)
-    for warning in report.warnings:
-        logger.warning("%s", warning.describe(manifest), extra=PROGRESS)
+    log_findings(report)
     logger.info("%s: %d items to run, %d invalid rows", manifest, len(report.items), len(report.invalid_rows()),
                 extra=PROGRESS)
     run_id = run_identifier()
     records = [item.to_record() for item in report.items]
-    expected = len(report.invalid_rows()) + sum(len(variant_items(record)) for record in records)
-    progress = RunProgress(out, run_id, expected, invalid_rows(report))
+    planned = [planned_row(variant, out) for record in records for variant in variant_items(record)]
+    invalid = invalid_rows(report)
+    progress = RunProgress(out, run_id, len(invalid) + len(planned), invalid)
+    ids = manifest_ids(manifest)
+    record_start(out, run_id, manifest, planned, len(invalid))
+    progress.write()  # the invalid rows, and a summary for `harmonize report` to find even if the run is killed now
+    try:
+        _run_records(report, records, out, run_id, progress, device=device, pool=pool, shard_size=shard_size)
+    except BaseException as exc:  # an interrupt or a crash of the flow itself: record the truth, then re-raise
+        reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else one_line(exc)
+        try:
+            finish_run(out, run_id, progress, ids, stopped=reason)
+        except Exception as problem:  # noqa: BLE001 - the original exception is what the run ends with
+            logger.warning("the stopped run's summary could not be written (%s)", one_line(problem), extra=PROGRESS)
+        raise
+    summary_uri, report_uri = finish_run(out, run_id, progress, ids)
+    rows = progress.rows
+    failed = [r for r in rows if r["status"] != COMPLETED]
+    if failed:
+        raise ItemsFailed(len(failed), len(rows), summary_uri, rows, report_uri)
+    return {"items": len(rows), "completed": counts(rows)[COMPLETED], "summary": summary_uri, "rows": rows,
+            "run_id": run_id, "report": report_uri}
+
+
+def _run_records(report: ValidationReport, records: list[dict[str, Any]], out: str, run_id: str,
+                 progress: RunProgress, *, device: str, pool: str | None, shard_size: int) -> None:
+    """Run the valid items here or on ``pool``, adding their rows to ``progress`` as they finish."""
+    from harmonize_core.vgg import resolve_device
+    from harmonize_core.weights import describe_network
+
+    logger = get_run_logger()
     if records:
         # On a pool each worker resolves "auto" on its own GPU; here the device is this process's.
         target = device if pool else str(resolve_device(device))
@@ -151,10 +211,3 @@ def harmonize_manifest(
             FanOut(out, run_id, spec, target, pool, progress).run(records, shard_size)
         else:
             run_items_here(records, out, spec, target, run_id, on_rows=progress.add)
-    summary_uri, report_uri = finish_run(out, run_id, progress)
-    rows = progress.rows
-    failed = [r for r in rows if r["status"] != COMPLETED]
-    if failed:
-        raise ItemsFailed(len(failed), len(rows), summary_uri, rows, report_uri)
-    return {"items": len(rows), "completed": counts(rows)[COMPLETED], "summary": summary_uri, "rows": rows,
-            "run_id": run_id, "report": report_uri}

@@ -1,7 +1,8 @@
 """The report's cards: a run summary's rows, grouped per item and put in the order the report shows them.
 
 One card per item id (its tau variants together, sorted by tau; each invalid row a card of its own). Cards come
-failed first, then invalid, then warned, then completed, each by manifest row, and each gets a unique HTML anchor.
+failed first, then unfinished (a run that stopped before them), then invalid, then warned, then completed, each by
+manifest row, and each gets a unique HTML anchor.
 Also the summary's file name and the columns the report knows (every other column is an extra manifest column).
 """
 
@@ -15,10 +16,12 @@ from typing import Any
 from tasks import storage
 
 from .csvsafe import read_csv
+from .run_record import UNFINISHED
 
 SUMMARY_NAME = "summary.csv"  # the name flows.summary writes (kept here so the report never imports torch-heavy code)
 COMPLETED, FAILED, INVALID, WARNED = "completed", "failed", "invalid", "warned"
-STATUS_ORDER = (FAILED, INVALID, WARNED, COMPLETED)  # the card order and the filters
+STATUS_ORDER = (FAILED, UNFINISHED, INVALID, WARNED, COMPLETED)  # the card order and the filters
+BROKEN = (FAILED, UNFINISHED, INVALID)  # a card with any row in one of these takes the first of them
 NO_ROW = 10**9  # sorts rows without a manifest row number last
 UNKNOWN_STATUS_RANK = 1.5  # a status this report does not know sorts after failed, before warned
 TIMED_STAGES = ("dilate", "pass1", "blend", "pass2", "reconstruct")
@@ -70,7 +73,7 @@ def group_cards(rows: list[dict[str, str]]) -> list[Card]:
 
 def _classify(card: Card) -> None:
     statuses = [row.get("status", "") for row in card.rows]
-    known = [s for s in (FAILED, INVALID) if s in statuses]
+    known = [s for s in BROKEN if s in statuses]
     card.status = known[0] if known else (COMPLETED if all(s == COMPLETED for s in statuses) else statuses[0] or "unknown")
     card.warned = any(row.get("warnings", "").strip() for row in card.rows)
     rank = STATUS_ORDER.index(card.status) if card.status in STATUS_ORDER else UNKNOWN_STATUS_RANK
@@ -94,10 +97,11 @@ def _unique_anchor(card: Card, taken: set[str]) -> str:
 
 
 def count_cards(cards: list[Card]) -> dict[str, int]:
-    """Return {completed, failed, invalid, warned, other: number of cards}; warned counts any card with warnings."""
-    counts = {status: sum(card.status == status for card in cards) for status in (COMPLETED, FAILED, INVALID)}
+    """Return {completed, failed, unfinished, invalid, warned, other: number of cards}; warned counts any card with
+    warnings."""
+    counts = {status: sum(card.status == status for card in cards) for status in (COMPLETED, *BROKEN)}
     counts[WARNED] = sum(card.warned for card in cards)
-    counts["other"] = len(cards) - counts[COMPLETED] - counts[FAILED] - counts[INVALID]
+    counts["other"] = len(cards) - sum(counts[status] for status in (COMPLETED, *BROKEN))
     return counts
 
 

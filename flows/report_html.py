@@ -22,6 +22,7 @@ from .report_cards import (
     QUALITY_COLUMNS,
     SHARED_STAGES,
     SUMMARY_NAME,
+    UNFINISHED,
     Card,
     as_float,
 )
@@ -44,10 +45,11 @@ CELL_CHARS = 2000  # a longer error, warning or extra cell is cut on the card (s
 def render_card(card: Card, out: str, page_folder: str) -> str:
     """Return the card's HTML (writing its thumbnails): header, error/warnings, images, curves, details.
 
-    An invalid row never ran: its card shows only the inputs that exist.
+    An invalid row never ran: its card shows only the inputs that exist. An item none of whose outputs finished
+    (``unfinished``) shows only its inputs.
     """
     figures, plots = _input_figures(card, out, page_folder), []
-    if card.status != INVALID:
+    if card.status != INVALID and any(row.get("status") != UNFINISHED for row in card.rows):
         item_id = card.rows[0].get("id", "")
         pass1_uri = next((r.get("pass1_uri", "") for r in card.rows if r.get("pass1_uri")), "")
         figures.append(_figure(page_folder, out, stage_thumb(out, item_id, pass1_uri, "pass1"), "pass 1", pass1_uri))

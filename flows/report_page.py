@@ -1,8 +1,10 @@
 """A report page's HTML around its cards: the run header, the status filter, page links, the legend, CSS and JS.
 
 Page 1 is ``report.html``, page n > 1 ``report-<n>.html``. The header gives the run id, date, item count, item time
-and a chip per status. The filter (failed/invalid/warned/completed) works by CSS ``:target`` alone, so with JS off
-every card is shown and the filter still works; the small script only keeps the chosen filter across page links.
+and a chip per status; above them, a banner when the run did not finish (or still runs), and on page 1 the count
+and most common problems of the invalid rows that are not shown as cards. The filter
+(failed/unfinished/invalid/warned/completed) works by CSS ``:target`` alone, so with JS off every card is shown and
+the filter still works; the small script only keeps the chosen filter across page links.
 """
 
 from __future__ import annotations
@@ -11,8 +13,20 @@ import html
 import re
 from typing import Any
 
-from .report_cards import COMPLETED, FAILED, INVALID, QUALITY_COLUMNS, STATUS_ORDER, SUMMARY_NAME, WARNED, Card, count_cards
-from .report_html import QUALITY_LEGEND, duration
+from .report_cards import (
+    BROKEN,
+    COMPLETED,
+    FAILED,
+    INVALID,
+    QUALITY_COLUMNS,
+    STATUS_ORDER,
+    SUMMARY_NAME,
+    UNFINISHED,
+    WARNED,
+    Card,
+    count_cards,
+)
+from .report_html import QUALITY_LEGEND, clip, duration
 
 REPORT_NAME = "report.html"  # page 1; page n > 1 is report-<n>.html
 REPORT_PAGE = re.compile(r"report-(\d+)\.html")
@@ -24,7 +38,8 @@ def page_name(number: int) -> str:
 
 
 STYLE = """
-:root{--failed:#c62828;--invalid:#6d4c41;--warned:#ef8f00;--completed:#2e7d32;--ink:#222;--muted:#666;--line:#ddd}
+:root{--failed:#c62828;--unfinished:#5e35b1;--invalid:#6d4c41;--warned:#ef8f00;--completed:#2e7d32;--ink:#222;
+--muted:#666;--line:#ddd}
 *{box-sizing:border-box}body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--ink);
 background:#f4f4f2}header.run{padding:14px 20px 8px;background:#fff;border-bottom:1px solid var(--line)}
 h1{font-size:19px;margin:0 0 4px}h1 code{font-size:15px}.meta{color:var(--muted);margin:0 0 8px}
@@ -32,6 +47,16 @@ h1{font-size:19px;margin:0 0 4px}h1 code{font-size:15px}.meta{color:var(--muted)
 .totals li{padding:2px 10px;border-radius:12px;background:#eee}.totals li b{font-size:15px}
 .totals .s-failed{background:#fde7e7;color:var(--failed)}.totals .s-invalid{background:#efe7e4;color:var(--invalid)}
 .totals .s-warned{background:#fff1db;color:#995c00}.totals .s-completed{background:#e5f3e6;color:var(--completed)}
+.totals .s-unfinished{background:#ede7f6;color:var(--unfinished)}
+.banner{margin:0 0 10px;padding:10px 14px;border:2px solid var(--failed);border-left-width:8px;border-radius:6px;
+background:#fff3f0;color:#4a1010;font-size:14.5px;max-width:1100px}.banner strong{font-size:17px;color:var(--failed)}
+.banner.running{border-color:var(--unfinished);background:#f4f0fb;color:#2d1b55}
+.banner.running strong{color:var(--unfinished)}.banner p{margin:4px 0 0}.banner code{font-size:12.5px}
+.more-invalid{margin:6px 0 8px;max-width:1100px}.more-invalid summary{cursor:pointer;font-weight:600;color:var(--invalid)}
+.more-invalid table{border-collapse:collapse;margin:6px 0;font-size:12.5px;background:#fff}
+.more-invalid td,.more-invalid th{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
+.more-invalid td.n{text-align:right;white-space:nowrap}.more-invalid td.e{font-family:ui-monospace,monospace;
+overflow-wrap:anywhere}.cut{color:var(--muted);font-style:italic}
 nav{margin:4px 0}nav a{display:inline-block;margin:0 2px 2px 0;padding:2px 8px;border:1px solid var(--line);
 border-radius:4px;background:#fff;color:var(--ink);text-decoration:none}nav a:hover{background:#f0f0f0}
 nav .current{font-weight:700;border-color:#888}nav .label{color:var(--muted);margin-right:4px}
@@ -40,6 +65,8 @@ main{display:grid;align-items:start;grid-template-columns:repeat(auto-fill,minma
 .card{background:#fff;border:1px solid var(--line);border-left:6px solid var(--completed);border-radius:6px;
 padding:10px 12px;min-width:0}.card.variants{grid-column:1/-1}
 .card.s-failed{border-left-color:var(--failed)}.card.s-invalid{border-left-color:var(--invalid)}
+.card.s-unfinished{border-left-color:var(--unfinished)}.s-unfinished .badge{background:var(--unfinished)}
+.card.s-unfinished .error{background:#f1ecfa;color:#3b2173}
 .card.warned.s-completed{border-left-color:var(--warned)}
 .card h2{font-size:16px;margin:0;display:flex;align-items:baseline;gap:8px;overflow-wrap:anywhere}
 .card h2 small{color:var(--muted);font-weight:400;font-size:12px}.anchor{color:#bbb;text-decoration:none;margin-left:auto}
@@ -67,8 +94,10 @@ svg .frame{fill:#fafafa;stroke:#ccc}svg .grid{stroke:#e6e6e6}svg .tick{fill:#999
 .empty{padding:30px;color:var(--muted)}footer{padding:0 20px 20px}
 .ft{display:none}
 #only-failed:target~main .card:not(.s-failed),#only-invalid:target~main .card:not(.s-invalid),
+#only-unfinished:target~main .card:not(.s-unfinished),
 #only-warned:target~main .card:not(.warned),#only-completed:target~main .card:not(.s-completed){display:none}
 #only-failed:target~header a[href="#only-failed"],#only-invalid:target~header a[href="#only-invalid"],
+#only-unfinished:target~header a[href="#only-unfinished"],
 #only-warned:target~header a[href="#only-warned"],#only-completed:target~header a[href="#only-completed"]
 {font-weight:700;border-color:#888;background:#f3f3f3}
 """
@@ -76,7 +105,7 @@ svg .frame{fill:#fafafa;stroke:#ccc}svg .grid{stroke:#e6e6e6}svg .tick{fill:#999
 SCRIPT = """document.querySelectorAll('a.page').forEach(function (a) {
   a.addEventListener('click', function () { if (location.hash.indexOf('#only-') === 0) { a.hash = location.hash; } });
 });"""
-FILTER_LABELS = {FAILED: "failed", INVALID: "invalid", WARNED: "warned", COMPLETED: "completed"}
+FILTER_LABELS = {FAILED: "failed", UNFINISHED: "unfinished", INVALID: "invalid", WARNED: "warned", COMPLETED: "completed"}
 
 
 def render_page(cards: list[Card], number: int, pages: int, header: dict[str, Any]) -> str:
@@ -88,17 +117,57 @@ def render_page(cards: list[Card], number: int, pages: int, header: dict[str, An
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{targets}"
-            f'<header class="run">{_run_header(header)}{_filter_nav(cards)}{nav}{_legend(cards)}</header>'
+            f'<header class="run">{_end_banner(header)}{_run_header(header)}'
+            f'{_more_invalid(header) if number == 1 else ""}{_filter_nav(cards)}{nav}{_legend(cards)}</header>'
             f"<main>{body}</main><footer>{nav}</footer><script>{SCRIPT}</script></body></html>\n")
+
+
+def _end_banner(header: dict[str, Any]) -> str:
+    """Return the banner of a run that did not finish or is still running ("" when it finished)."""
+    end = header.get("end")
+    if not end:
+        return ""
+    how = html.escape(end["how"][:1].upper() + end["how"][1:])
+    out, manifest = html.escape(end.get("out") or "OUT"), html.escape(end.get("manifest") or "MANIFEST")
+    missing = f"{end['unfinished']} of {end['planned']} planned output{'s' if end['planned'] != 1 else ''}"
+    if end["running"]:
+        return (f'<div class="banner running" role="status"><strong>This run is still running.</strong>'
+                f"<p>{missing} have no result yet (marked <b>unfinished</b>). {how}.</p>"
+                f"<p>Rebuild this report when it has ended: <code>harmonize report --out {out} --run "
+                f"{html.escape(header['run_id'])}</code></p></div>")
+    return (f'<div class="banner stopped" role="alert"><strong>This run did not finish.</strong>'
+            f"<p>{missing} never finished: their cards say <b>unfinished</b> and come right after the failed ones; "
+            f"the counts below are what finished before it stopped. {how}.</p>"
+            f"<p>Rerun what is left: <code>harmonize run {manifest} --out {out} --only-failed {out}/status.csv</code></p>"
+            "</div>")
+
+
+def _more_invalid(header: dict[str, Any]) -> str:
+    """Return the table of the invalid rows not shown as cards (count, most common problems), or ""."""
+    more = header.get("more_invalid")
+    if not more:
+        return ""
+    lines = "".join(f'<tr><td class="n">{count:,}</td><td>{html.escape(", ".join(rows))}'
+                    f'{"&hellip;" if count > len(rows) else ""}</td><td class="e">{clip(error, 300)}</td></tr>'
+                    for error, count, rows in more["problems"])
+    other, other_rows = more["other"]
+    if other:
+        lines += (f'<tr><td class="n">{other_rows:,}</td><td></td><td>{other:,} other distinct problem(s): see '
+                  f'<a href="{SUMMARY_NAME}">{SUMMARY_NAME}</a></td></tr>')
+    return (f'<details class="more-invalid" open><summary>{more["count"]:,} more invalid rows are not shown as cards '
+            f'(the first {more["shown"]} are); every row is in <a href="{SUMMARY_NAME}">{SUMMARY_NAME}</a>. Their '
+            f"most common problems:</summary><table><tr><th>rows</th><th>first rows</th><th>problem</th></tr>{lines}"
+            "</table></details>")
 
 
 def _run_header(header: dict[str, Any]) -> str:
     totals = header["totals"]
-    items = sum(totals[s] for s in (COMPLETED, FAILED, INVALID)) + totals["other"]
+    items = sum(totals[s] for s in (COMPLETED, *BROKEN)) + totals["other"]
     meta = [header["date"], f"{items} items" + (f" ({header['rows']} summary rows)" if header["rows"] != items else ""),
             f"{duration(header['seconds'])} of item time", f'<a href="{SUMMARY_NAME}">{SUMMARY_NAME}</a>']
-    chips = [(FAILED, totals[FAILED]), (INVALID, totals[INVALID]), (WARNED, totals[WARNED]),
-             (COMPLETED, totals[COMPLETED])] + ([("other", totals["other"])] if totals["other"] else [])
+    chips = [(FAILED, totals[FAILED])] + ([(UNFINISHED, totals[UNFINISHED])] if totals[UNFINISHED] else []) + [
+        (INVALID, totals[INVALID]), (WARNED, totals[WARNED]), (COMPLETED, totals[COMPLETED])] + (
+        [("other", totals["other"])] if totals["other"] else [])
     return (f"<h1>Harmonization run <code>{html.escape(header['run_id'])}</code></h1>"
             f'<p class="meta">{" &middot; ".join(m for m in meta if m)}</p><ul class="totals">'
             + "".join(f'<li class="s-{status}"><b>{count}</b> {status}</li>' for status, count in chips) + "</ul>")
@@ -107,7 +176,8 @@ def _run_header(header: dict[str, Any]) -> str:
 def _filter_nav(cards: list[Card]) -> str:
     counts = count_cards(cards)
     links = [f'<a href="#show-all">all {len(cards)}</a>'] + [
-        f'<a href="#only-{status}">{FILTER_LABELS[status]} {counts[status]}</a>' for status in STATUS_ORDER]
+        f'<a href="#only-{status}">{FILTER_LABELS[status]} {counts[status]}</a>' for status in STATUS_ORDER
+        if status != UNFINISHED or counts[status]]
     return f'<nav class="filters" id="show-all"><span class="label">Show on this page:</span>{"".join(links)}</nav>'
 
 

@@ -23,6 +23,7 @@ from flows.summary import (
     SUMMARY_NAME,
     read_summary,
     rerun_ids,
+    rerun_selection,
     update_status,
     write_summary,
 )
@@ -109,6 +110,7 @@ def test_status_csv_merges_keep_formula_cells_exact_and_only_failed_reads_them(t
         assert status[item_id]["last_run"] == "run-1"
     assert status["ok"]["tau"] == "5.0"
     assert sorted(rerun_ids(uri)) == sorted(bad_ids)
+    assert rerun_selection(uri, {"+1", "ok"}) == (["+1"], [i for i in sorted(bad_ids) if i != "+1"])
 
 
 def test_the_manifest_reader_keeps_extra_cells_verbatim(tmp_path):
@@ -148,6 +150,8 @@ def test_a_run_writes_hostile_cells_safely_and_report_and_only_failed_read_them_
     assert read_summary(summary_uri) == rows
     page = storage.read_bytes(capsys.readouterr().out.strip()).decode()
     assert "HYPERLINK(&quot;http://x/?leak&quot;,&quot;click&quot;)" in page  # shown as text, escaped
+    only, skipped = rerun_selection(str(out / STATUS_NAME), {r["id"] for r in read_manifest(str(manifest))[1]})
+    assert sorted(only) == sorted(ids) and skipped == []
 
 
 def test_a_huge_cell_does_not_break_the_report_or_only_failed(tmp_path, capsys):

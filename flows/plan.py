@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harmonize_core.config import HarmonizeConfig
+from harmonize_core.config import HarmonizeConfig, canonical_section
 from harmonize_core.estimate import describe_seconds, stage_seconds, working_pixels
 from harmonize_core.stages import STAGES
 from manifests import ValidationReport
@@ -139,7 +139,8 @@ def why_stale(before: dict[str, Any], now: dict[str, Any]) -> str:
     for name, digest in now["inputs"].items():
         if (before.get("inputs") or {}).get(name) != digest:
             reasons.append(f"input {name} changed" if name in FILE_INPUTS else f"upstream {name} changed")
-    old, new = _flatten(before.get("config") or {}), _flatten(now["config"])
+    # an older record may write a setting another way (tau left empty for 5): compare meanings
+    old, new = _flatten(canonical_section(before.get("config") or {})), _flatten(now["config"])
     settings = [f"{key} {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new))
                 if old.get(key) != new.get(key)]
     if settings:

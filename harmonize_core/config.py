@@ -295,7 +295,9 @@ def _coerce(obj: Any, name: str, value: Any) -> Any:
     if isinstance(current, float):
         return float(value)
     if isinstance(current, tuple):
-        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        return tuple(item.strip() for item in value.split(",")) if isinstance(value, str) else tuple(value)
+    if isinstance(current, str) and isinstance(value, str):
+        return value.strip()  # a cell's surrounding blanks mean nothing
     return value
 
 
@@ -369,7 +371,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def stage_section(config: HarmonizeConfig, stage: str) -> dict[str, Any]:
-    """Return the part of the config that determines ``stage``'s output (JSON-able).
+    """Return the part of the config that determines ``stage``'s output (JSON-able, ``canonical_section``'s form).
 
     Fields marked ``runtime`` in their metadata (logging cadence, memory budgets, time limits) do not change the
     pixels, so they are left out: changing them never invalidates a cached stage.
@@ -383,7 +385,53 @@ def stage_section(config: HarmonizeConfig, stage: str) -> dict[str, Any]:
             section[name] = {k: v for k, v in full[name].items() if k not in runtime}
         else:
             section[name] = full[name]
-    return section
+    return canonical_section(section)
+
+
+# Each section's defaults, to write every value the way its default is written (``canonical_section``).
+SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    f.name: dataclasses.asdict(f.default_factory()) for f in dataclasses.fields(HarmonizeConfig)
+    if f.default_factory is not dataclasses.MISSING
+}
+EARLY_STOP_CADENCE = ("stop_every", "stop_patience")  # early stopping's checks; they mean nothing while it is off
+
+
+def canonical_section(section: dict[str, Any]) -> dict[str, Any]:
+    """Return a config section (``stage_section``'s form, or one read back from JSON) with every value written the
+    one way its meaning is written, so that settings that compute the same pixels key the same.
+
+    A ``pass2.tau`` left empty is the default it stands for (``DEFAULT_TAU``) and a numeric tau a float; a value is
+    written with its default's type (``5`` in a float field is ``5.0``, a tuple a list, text without surrounding
+    blanks); while early stopping is off (``stop_levels`` 0) its cadence (``stop_every``, ``stop_patience``) is the
+    default's. A value nothing can make equal (``"auto"``, a different number) is kept as it is.
+    """
+    result: dict[str, Any] = {}
+    for name, values in section.items():
+        defaults = SECTION_DEFAULTS.get(name)
+        if not isinstance(values, dict) or defaults is None:
+            result[name] = values
+            continue
+        values = {field_name: _as_default(defaults.get(field_name), value) for field_name, value in values.items()}
+        if "tau" in values and name == "pass2":
+            tau = values["tau"]
+            values["tau"] = DEFAULT_TAU if tau is None else float(tau) if isinstance(tau, (int, float)) else tau
+        if isinstance(values.get("stop_levels"), (int, float)) and values["stop_levels"] <= 0:
+            values.update({"stop_levels": 0.0, **{k: defaults[k] for k in EARLY_STOP_CADENCE if k in values}})
+        result[name] = values
+    return result
+
+
+def _as_default(default: Any, value: Any) -> Any:
+    """Return ``value`` written with ``default``'s type where the two mean the same."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return list(value)
+    if isinstance(default, str) and isinstance(value, str):
+        return value.strip()
+    return value
 
 
 def config_digest(section: dict[str, Any]) -> str:

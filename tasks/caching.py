@@ -1,9 +1,11 @@
 """Content-addressed cache keys for the stage tasks, and where the cache records live.
 
 Key (``stage_cache_key``): sha256 over the stage name, the sha256 digests of the item's three input files and of the
-upstream stage outputs the task reads, the stage's own config section (``config.stage_section``), the backbone
-weights' digest (pass1/pass2) and the digest of the core source that computes the stage (``tasks.code_digest``: an
-algorithm change recomputes, a pipeline-only change does not), plus ``CACHE_SCHEMA`` to invalidate deliberately. It never
+upstream stage outputs the task reads, the stage's own config section (``config.stage_section``, every value
+written the one way its meaning is: a tau left empty is 5.0), the backbone weights' digest (pass1/pass2) and the
+digest of the core code that computes the stage (``tasks.code_digest``: a change to that computation recomputes; a
+docstring, a module move, another stage's code or a pipeline-only change does not), plus ``CACHE_SCHEMA`` to
+invalidate deliberately. It never
 includes a URI, the item id, the row number, the run or the device: a curator's edit to one row changes only that
 row's digests, and a config change to one stage changes that stage's key and, through its new output digest, the
 keys of the stages after it.

@@ -1,15 +1,19 @@
 """The config tree: conventions over every field, overrides, presets, cache sections, the optimisation deadline."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from harmonize_core.config import (
+    DEFAULT_TAU,
     OVERRIDE_FIELDS,
     PRESETS,
+    STAGE_SECTIONS,
     HarmonizeConfig,
     apply_overrides,
+    canonical_section,
     config_digest,
     override_targets,
     preset,
@@ -18,6 +22,9 @@ from harmonize_core.config import (
 from harmonize_core.errors import StageTimeoutError
 from harmonize_core.objective import LbfgsSettings, Problem, Term, optimise
 from harmonize_core.vgg import load_backbone
+from manifests import RunSettings
+from manifests.schema import resolve_config
+from tasks import caching
 
 
 def _all_fields():
@@ -114,3 +121,69 @@ def test_the_optimisation_stops_at_its_deadline():
     settings = LbfgsSettings(1000, 1.0, 10, -1.0, -1.0, 100, max_seconds=1e-9)
     with pytest.raises(StageTimeoutError, match="limit"):
         optimise(problem, x, settings, stage="pass1")
+
+
+# --- an explicit value equal to the default keys like the default --------------------------------------------------
+
+
+def _cells(value):
+    """The ways a manifest cell, a flag or a flow parameter can give ``value``."""
+    if isinstance(value, bool):
+        return [value, str(value), str(value).lower(), "1" if value else "0"]
+    if isinstance(value, tuple):
+        return [value, list(value), ",".join(value)]
+    if isinstance(value, float):
+        return [value, repr(value), f" {value!r} "] + ([int(value), str(int(value))] if value.is_integer() else [])
+    if isinstance(value, int):
+        return [value, str(value), float(value), f"{value}.0"]
+    return [value, f" {value} "]
+
+
+def _sections(config):
+    return {stage: stage_section(config, stage) for stage in STAGE_SECTIONS}
+
+
+@pytest.mark.parametrize(("name", "field"), [(n, f) for n, f in _all_fields() if "." in n])
+def test_every_setting_given_explicitly_at_its_default_keys_like_the_default(name, field):
+    base = HarmonizeConfig()
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if default is None:  # pass2.tau: empty means the default 5
+        assert name == "pass2.tau"
+        explicit = [DEFAULT_TAU, 5, "5", "5.0", " 5 "]
+    else:
+        explicit = _cells(default)
+    for value in explicit:
+        assert (_sections(apply_overrides(base, {name: value})), value) == (_sections(base), value)
+
+
+def test_a_manifest_row_or_flag_with_tau_5_shares_the_empty_rows_pass2_and_other_values_do_not():
+    digests = {"content": "c", "style": "s", "mask": "m", "loose": "l", "blended": "b"}
+
+    def pass2_key(run_tau=None, cell=None):
+        run = RunSettings(preset="quick", overrides={"tau": run_tau} if run_tau is not None else {})
+        config = resolve_config(run, {"tau": cell} if cell is not None else {})
+        return caching.stage_cache_key("pass2", digests, config, "w")
+
+    empty = pass2_key(cell="")
+    assert [pass2_key(), pass2_key(cell="5"), pass2_key(cell="5.0"), pass2_key(run_tau="5"),
+            pass2_key(run_tau="1", cell="5")] == [empty] * 5
+    assert len({empty, pass2_key(cell="1"), pass2_key(cell="auto"), pass2_key(run_tau="10")}) == 4
+
+
+def test_early_stopping_cadence_keys_only_while_early_stopping_is_on():
+    base = HarmonizeConfig()
+    cadence = {"pass2.stop_every": 10, "pass2.stop_patience": 5}
+    assert stage_section(base.replace(**cadence), "pass2") == stage_section(base, "pass2")
+    on = base.replace(**{"pass2.stop_levels": 1.0})
+    assert stage_section(on.replace(**cadence), "pass2") != stage_section(on, "pass2")
+    assert stage_section(on.replace(**cadence), "pass2")["pass2"]["stop_every"] == 10
+    assert stage_section(base.replace(**{"pass2.stop_levels": -1.0}), "pass2") == stage_section(base, "pass2")
+
+
+def test_a_section_read_back_from_json_or_written_before_is_canonical_again():
+    section = stage_section(preset("quick"), "pass2")
+    assert canonical_section(json.loads(json.dumps(section))) == section
+    older = json.loads(json.dumps(section))  # as earlier versions recorded it: tau empty, tuples, ints
+    older["pass2"].update(tau=None, style_layers=tuple(older["pass2"]["style_layers"]), content_weight=1,
+                          stop_every=7)
+    assert canonical_section(older) == section

@@ -12,10 +12,11 @@ from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
 from flows.cli import main
 from flows.harmonize import harmonize_manifest, input_index
-from flows.plan import CACHED, NEW, STALE, plan_run
+from flows.plan import CACHED, NEW, STALE, plan_run, why_stale
 from flows.summary import STATUS_NAME, read_summary, rerun_ids
 from harmonize_core import vgg
 from harmonize_core import weights as weights_module
+from harmonize_core.config import preset
 from harmonize_core.stages import STAGES
 from manifests import RunSettings, validate_manifest
 from tasks import backbones, caching, code_digest
@@ -79,6 +80,16 @@ def test_a_plan_names_what_an_edit_recomputes_and_why_without_computing(prefect_
     changed = statuses(plan_of(tiny_manifest, out))[("a", "")]
     assert changed["dilate"] == (STALE, "input mask changed")
     assert changed["pass1"] == (STALE, "upstream dilate recomputes")
+
+
+def test_an_older_records_settings_are_compared_by_meaning():
+    digests = {"content": "c", "style": "s", "mask": "m", "loose": "l", "blended": "b"}
+    now = caching.key_payload("pass2", digests, preset("quick"), "w")
+    before = json.loads(json.dumps({**now, "code": "an older core"}))
+    before["config"]["pass2"].update(tau=None, stop_every=10)  # how an older version recorded tau 5, early stop off
+    assert why_stale(before, now) == "code changed"
+    before["config"]["pass2"]["tau"] = 2
+    assert why_stale(before, now) == "code changed; setting pass2.tau 2.0 -> 5.0"
 
 
 @pytest.mark.parametrize(("backbone", "weights"), [("vgg16", "offline-vgg16"), ("vgg19", "imagenet"),

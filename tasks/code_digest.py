@@ -163,12 +163,12 @@ def read_module(text: str, name: str, is_package: bool, package: str, known: fro
         if isinstance(node, (ast.Import, ast.ImportFrom)) or _is_docstring(node):
             continue
         bound = _bound_names(node)
+        inner_imports = [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        if not bound and inner_imports:
+            continue  # a top-level ``if TYPE_CHECKING:`` or ``try: import ...`` block of imports
         local: dict[str, tuple[str, str | None]] = {}  # imports inside a function bind names for it alone
-        for inner in ast.walk(node):
-            if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                local.update(_import_bindings(inner, name, is_package, package, known))
-        if not bound and local:
-            continue  # a top-level ``if TYPE_CHECKING:`` block of imports
+        for inner in inner_imports:
+            local.update(_import_bindings(inner, name, is_package, package, known))
         tree_node = _Normaliser().visit(node)  # in place: this tree was parsed for this reading only
         read = Statement(canonical(tree_node), tuple(_references(module, tree_node, local)))
         for bound_name in bound:

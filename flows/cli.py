@@ -117,7 +117,7 @@ def run_flow(manifest: str, out: str, args: argparse.Namespace, only_ids: list[s
         for row in broken[:PRINTED_PROBLEMS]:
             print(f"{row['status']}: {row['id'] or 'row ' + str(row['row'])}: {row['error']}", file=sys.stderr)
         if len(broken) > PRINTED_PROBLEMS:
-            print(f"... and {len(broken) - PRINTED_PROBLEMS} more (all in the summary and the report)", file=sys.stderr)
+            print(f"... and {len(broken) - PRINTED_PROBLEMS:,} more (all in the summary and the report)", file=sys.stderr)
         print(f"{result} ({seconds:.0f} s); rerun them with --only-failed {result.summary_uri}", file=sys.stderr)
         if result.report_uri:
             print(f"report: {result.report_uri}", file=sys.stderr)

@@ -62,7 +62,7 @@ def group_cards(rows: list[dict[str, str]]) -> list[Card]:
         key = item_id if item_id and row.get("status") != INVALID else f"{item_id or 'row'}@{row.get('row', '')}"
         grouped.setdefault(key, Card(key=item_id or "(no id)", rows=[])).rows.append(row)
     cards = list(grouped.values())
-    anchors: set[str] = set()
+    anchors: dict[str, int] = {}  # anchor taken -> the next suffix to try for it as a base
     for card in cards:
         card.rows.sort(key=lambda r: (as_float(r.get("tau")), r.get("variant", "")))
         _classify(card)
@@ -86,13 +86,17 @@ def _row_number(row: dict[str, str]) -> int:
     return int(value) if value < math.inf else NO_ROW
 
 
-def _unique_anchor(card: Card, taken: set[str]) -> str:
+def _unique_anchor(card: Card, taken: dict[str, int]) -> str:
+    """Return ``item-<id>``, or ``item-<id>-<n>`` with the first free n >= 2 (linear in the number of repeats: 50,000
+    invalid rows with one id once took minutes)."""
     name = card.rows[0].get("id", "") or f"row-{card.rows[0].get('row', '')}"
     base = "item-" + re.sub(r"[^A-Za-z0-9._-]", "-", name)
-    anchor, suffix = base, 2
+    anchor, suffix = base, taken.get(base, 2)
     while anchor in taken:
         anchor, suffix = f"{base}-{suffix}", suffix + 1
-    taken.add(anchor)
+    if anchor != base:
+        taken[base] = suffix
+    taken[anchor] = taken.get(anchor, 2)
     return anchor
 
 

@@ -439,6 +439,12 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
     guard = LossGuard(stage, settings)
     wanted = sorted(set(snapshots.at)) if snapshots is not None else []
     state = {"evaluations": 0, "last": {}, "stopped_at": None}
+    # Built before the clock starts: the first torch optimiser of a process imports torch._dynamo (over a second on
+    # a busy CPU), which is not the optimisation's time and must not count against ``max_seconds``.
+    optimizer = torch.optim.LBFGS(
+        [x], lr=settings.learning_rate, max_iter=settings.iterations,
+        max_eval=max(settings.iterations * 5 // 4, settings.iterations + 1), history_size=settings.history_size,
+        tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerance_change, line_search_fn=None)
     started = time.perf_counter()
 
     def record(step: int, values: dict[str, float], total: float) -> None:
@@ -471,10 +477,6 @@ def optimise(problem: Problem, x0: torch.Tensor, settings: LbfgsSettings, *, sta
         return torch.tensor(total, dtype=torch.float64)
 
     if settings.iterations > 0:
-        optimizer = torch.optim.LBFGS(
-            [x], lr=settings.learning_rate, max_iter=settings.iterations,
-            max_eval=max(settings.iterations * 5 // 4, settings.iterations + 1), history_size=settings.history_size,
-            tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerance_change, line_search_fn=None)
         try:
             optimizer.step(closure)
         except _StopEarly:

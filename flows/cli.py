@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 some items failed or some manifest rows are invalid; 2 a problem for the user to fix
 (unreadable manifest, missing columns, bad flag value, weights unavailable), printed as one line without a
-traceback. ``run`` and ``demo`` use Prefect's local ephemeral API (no server needed); Prefect's console logging is
+traceback; 130 interrupted by Ctrl-C (one line). ``run`` and ``demo`` use Prefect's local ephemeral API (no server needed); Prefect's console logging is
 quiet unless ``--verbose``, and the pipeline's own progress lines (per item and stage) are printed instead.
 """
 
@@ -23,6 +23,7 @@ QUIET_ENV = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # Prefect's own console lines and tracebacks
 }
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 PRINTED_PROBLEMS = 20  # failed/invalid/unfinished rows printed at the end of a run; the rest as a count
 RUN_OVERRIDES = ("tau", "size", "pass1_iters", "pass2_iters", "max_seconds")  # run-level defaults rows may override
 DEMO_OUT = "demo-out"
@@ -430,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     except HarmonizeError as exc:
         print(f"harmonize: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # a run records what finished and what did not before this reaches here
+        out = getattr(args, "out", None)
+        hint = f"; `harmonize report --out {out}` shows what finished and what did not" if out else ""
+        print(f"harmonize: interrupted (Ctrl-C){hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -222,3 +222,15 @@ def test_a_really_killed_run_is_reported_unfinished(prefect_api, tmp_path, capsy
     assert {i: r["status"] for i, r in status_of(str(out)).items()} == rows
     page = storage.read_bytes(captured.out.strip()).decode()
     assert "This run did not finish.</strong>" in page and "2 of 3 planned outputs never finished" in page
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = str(tmp_path / "out")
+    write_summary(storage.run_uri(out, "r", SUMMARY_NAME), [])
+    monkeypatch.setattr(report, "build_report", interrupted)
+    assert main(["report", "--out", out]) == 130
+    assert capsys.readouterr().err == (f"harmonize: interrupted (Ctrl-C); `harmonize report --out {out}` shows what "
+                                       "finished and what did not\n")

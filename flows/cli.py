@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 some items failed or some manifest rows are invalid; 2 a problem for the user to fix
 (unreadable manifest, missing columns, bad flag value, weights unavailable), printed as one line without a
-traceback; 130 interrupted by Ctrl-C (one line). ``run`` and ``demo`` use Prefect's local ephemeral API (no server needed); Prefect's console logging is
-quiet unless ``--verbose``, and the pipeline's own progress lines (per item and stage) are printed instead.
+traceback; 130 interrupted by Ctrl-C (one line). ``run`` and ``demo`` use Prefect's local ephemeral API (no server
+needed); Prefect's console logging is quiet unless ``--verbose``, and the pipeline's own progress lines (per item and
+stage) are printed instead.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ pass 1 and blend). Details that keep the content-addressed cache safe with many 
   so two workers reaching one key compute it once;
 - each returned record is checked (``settle``): its content-addressed object must still exist (else the stage is
   recomputed with ``refresh_cache=True``) and the item's own readable copy is refreshed from it when it is missing or
-  holds another output (an identical row elsewhere, or another run's settings).
+  holds another output (an identical row elsewhere, or another run's settings);
+- each stage call's waits (its stage lock held by another run or worker, the device held by another item) are said
+  while they last and on the stage's progress line, and are never counted in the stage's seconds (``tasks.waits``).
 
 Every finished row (one per variant) is written at once to ``<out>/runs/<run_id>/items/`` so that a killed run, or
 a shard on another machine, leaves the rows that finished. A failed variant raises ``ItemFailed`` at the end with
@@ -33,6 +35,7 @@ from tasks import storage
 from tasks.caching import config_from_dict, stage_policy
 from tasks.gpu import worker_name
 from tasks.stages import PROGRESS, STAGE_TASKS, metrics_for_item, variant_of
+from tasks.waits import StageWaits, waiting_in
 
 from .summary import COMPLETED, FAILED, write_row
 from .text import one_line
@@ -129,23 +132,28 @@ def run_chain(item: dict[str, Any], stages: tuple[str, ...], chain: dict[str, An
     """Run ``stages`` of ``item`` in order, adding to ``chain`` (records, seconds, cached); raise on failure."""
     logger = get_run_logger()
     label = f"{item['id']}{'/' + item['variant'] if item.get('variant') else ''}"
+    who = f"item {context['position']} {label}" if context["position"] else f"item {label}"
+
+    def say(message: str) -> None:
+        logger.info("%s", message, extra=PROGRESS)
+
     for stage in stages:
         started = time.perf_counter()
+        scope = StageWaits(who=who, stage=stage, run_id=context.get("run_id", ""), announce=say)
         try:
-            chain["records"][stage], hit = run_stage(
-                stage, item, out, result_storage=context["result_storage"], device=context["device"],
-                **stage_inputs(stage, chain["records"], context["backbone"]))
+            with waiting_in(scope):
+                chain["records"][stage], hit = run_stage(
+                    stage, item, out, result_storage=context["result_storage"], device=context["device"],
+                    **stage_inputs(stage, chain["records"], context["backbone"]))
         finally:
-            chain["seconds"][stage] = time.perf_counter() - started
+            # a stage's seconds never include its waits for the stage lock and the device (said on its line)
+            chain["seconds"][stage] = max(0.0, time.perf_counter() - started - scope.waited())
         chain["cached"] += [stage] if hit else []
-        computed, waited = chain["records"][stage]["summary"].get("seconds"), 0.0
+        computed = chain["records"][stage]["summary"].get("seconds")
         if not hit and isinstance(computed, (int, float)):
-            # the stage's own compute time, not the wait for the device while another item's pass ran
-            waited = chain["seconds"][stage] - computed
-            chain["seconds"][stage] = float(computed)
-        how = "cached" if hit else f"{chain['seconds'][stage]:.1f} s" + (
-            f", after {waited:.0f} s waiting for the device" if waited > 1 else "")
-        logger.info("item %s %s: %s done (%s)", context["position"], label, stage, how, extra=PROGRESS)
+            chain["seconds"][stage] = float(computed)  # the core's own compute time (no loading, no writing)
+        how = ("cached" if hit else f"{chain['seconds'][stage]:.1f} s") + scope.describe()
+        logger.info("%s: %s done (%s)", who, stage, how, extra=PROGRESS)
 
 
 def _failed(item: dict[str, Any], out: str, chain: dict[str, Any], stage: str, exc: Exception) -> dict[str, Any]:
@@ -167,7 +175,8 @@ def harmonize_item(item: dict[str, Any], out: str, backbone: dict[str, Any], dev
     Each row is also written to ``<out>/runs/<run_id>/items/`` as soon as it is final. Raises ``ItemFailed``
     (carrying every row) when a stage of the item or of any variant failed after its retries.
     """
-    context = {"result_storage": result_storage, "device": device, "backbone": backbone, "position": position}
+    context = {"result_storage": result_storage, "device": device, "backbone": backbone, "position": position,
+               "run_id": run_id}
     shared: dict[str, Any] = {"records": {}, "seconds": {}, "cached": []}
     rows: list[dict[str, Any]] = []
     try:

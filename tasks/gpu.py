@@ -4,7 +4,8 @@
   stages (pass1, pass2, reconstruct) of different items take turns on a device, so a GPU never holds two passes'
   activations at once. Workers are pinned one per GPU (``CUDA_VISIBLE_DEVICES``, see ``flows.workers``), so a lock
   per device inside the process is exact and costs nothing: a Prefect global concurrency limit would add a server
-  round trip per stage and a lease that outlives a killed process, for a resource no other process can reach.
+  round trip per stage and a lease that outlives a killed process, for a resource no other process can reach. A
+  stage that waits for the device says behind which item's stage it waits (``tasks.waits``).
 - ``free_device_memory()``: called before a CUDA out-of-memory error is retried, so the retry starts from an empty
   cache instead of the fragments of the failed attempt.
 - ``is_sticky_cuda_error`` / ``stop_process``: an illegal memory access or a device-side assert poisons the CUDA
@@ -20,11 +21,14 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from . import waits
 
 STICKY_EXIT = 75  # the process ended itself after a sticky CUDA error (EX_TEMPFAIL: the work may go elsewhere)
 STATE_DIR_ENV = "HARMONIZE_WORKER_STATE_DIR"  # set by `harmonize worker`: where a retiring worker leaves its marker
@@ -45,11 +49,41 @@ def device_lock(device: str) -> threading.Lock:
         return _locks.setdefault(str(device), threading.Lock())
 
 
+_holders: dict[str, str] = {}  # device -> the stage call holding it ("item 1/4 a pass1"), for waiters' lines
+HOLDER_POLL_SECONDS = 0.5  # a waiter looks this often at who holds the device (it may change while it waits)
+
+
 @contextmanager
 def exclusive_device(device: str) -> Iterator[None]:
-    """Hold ``device`` for one network stage: other threads of this process wait for it."""
-    with device_lock(device):
+    """Hold ``device`` for one network stage: other threads of this process wait for it.
+
+    A wait is said on the current stage call's progress line (``tasks.waits``) once it lasts ``NOTICE_SECONDS``,
+    and again every ``REMIND_SECONDS``, naming the stage call that holds the device; its seconds, and every holder
+    it waited behind, are added to the stage call's ``StageWaits``.
+    """
+    key, lock, scope = str(device), device_lock(device), waits.current()
+    if not lock.acquire(blocking=False):
+        started = time.monotonic()
+        behind: list[str] = []
+        next_notice = waits.NOTICE_SECONDS
+        while not lock.acquire(timeout=HOLDER_POLL_SECONDS):
+            holder = _holders.get(key)
+            if holder and holder not in behind:
+                behind.append(holder)
+            waited = time.monotonic() - started
+            if waited >= next_notice:
+                what = f"waiting for the device ({key}) behind {holder or 'another stage'} for {waited:.0f} s"
+                waits.announce(what)
+                next_notice += waits.REMIND_SECONDS
+        if scope is not None:
+            scope.device_s += time.monotonic() - started
+            scope.device_holder = " and ".join(behind)
+    _holders[key] = scope.doing if scope else "another stage"
+    try:
         yield
+    finally:
+        _holders.pop(key, None)
+        lock.release()
 
 
 def free_device_memory() -> None:

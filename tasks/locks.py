@@ -19,6 +19,10 @@ takes it over. Ages are read on the storage's own clock (file mtime against the 
 against the ``Date`` of the same response), so machines with skewed clocks agree. Correctness never depends on the
 lock: stage outputs are content-addressed and written atomically, so in the worst case (a lease lost to a frozen
 process) a stage is computed twice, never wrongly.
+
+A lock's body records who took it: the host and process, when, and the run, item and stage (``tasks.waits``). A
+stage that waits for a lock says so on its progress line, naming that holder, how long it has held the lock and when
+its lease lapses (a rerun behind a killed run's lock waits up to one lease, and says that is what it waits for).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from . import storage
+from . import storage, waits
 
 LOCKS_DIR = "locks"  # under <out>/.cache
 LEASE_ENV = "HARMONIZE_LOCK_LEASE_SECONDS"
@@ -53,11 +57,18 @@ def lease_seconds() -> float:
 
 @dataclass(frozen=True)
 class Lease:
-    """A lock object as read from storage: who holds it, its version tag, and seconds since its last renewal."""
+    """A lock object as read from storage: who holds it, its version tag, seconds since its last renewal, and its
+    body (JSON: holder, host, pid, since, and the run, item and stage that took it, see ``_body``)."""
 
     holder: str
     tag: str
     age: float
+    body: bytes = b""
+
+    @property
+    def info(self) -> dict:
+        """Return the parsed body ({} when it is not a JSON object)."""
+        return _parse(self.body)
 
 
 class _LocalLeases:
@@ -91,7 +102,7 @@ class _LocalLeases:
             stat = path.stat()
         except FileNotFoundError:
             return None
-        return Lease(_holder_of(body), self._tag(path, stat), time.time() - stat.st_mtime)
+        return Lease(_holder_of(body), self._tag(path, stat), time.time() - stat.st_mtime, body)
 
     def renew(self, key: str, lease: Lease) -> str | None:
         """Refresh the lock's clock if it is still ``lease``; return the new tag or None when it changed."""
@@ -161,10 +172,10 @@ class _S3Leases:
         body = answer["Body"].read()
         date = answer["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
         server_now = parsedate_to_datetime(date) if date else datetime.now(UTC)
-        return Lease(_holder_of(body), answer["ETag"], (server_now - answer["LastModified"]).total_seconds())
+        return Lease(_holder_of(body), answer["ETag"], (server_now - answer["LastModified"]).total_seconds(), body)
 
     def renew(self, key: str, lease: Lease) -> str | None:
-        return self._put(key, _body(lease.holder), IfMatch=lease.tag)
+        return self._put(key, lease.body or _body(lease.holder), IfMatch=lease.tag)  # the body as first written
 
     def take_over(self, key: str, stale: Lease, body: bytes) -> str | None:
         return self._put(key, body, IfMatch=stale.tag)
@@ -192,15 +203,37 @@ def _code(exc: BaseException) -> str:
 
 
 def _body(holder: str) -> bytes:
-    return json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
-                       "since": time.time()}).encode()
+    """Return a new lock's body: the holder, this process, the time, and the stage call taking it (``tasks.waits``),
+    so that a stage waiting for it can say whose it is."""
+    scope = waits.current()
+    stage_call = {"run": scope.run_id, "who": scope.who, "stage": scope.stage} if scope else {}
+    return json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+                       **stage_call}).encode()
+
+
+def _parse(body: bytes) -> dict:
+    try:
+        info = json.loads(body)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _holder_of(body: bytes) -> str:
-    try:
-        return str(json.loads(body).get("holder", ""))
-    except (ValueError, AttributeError):
-        return ""
+    return str(_parse(body).get("holder", ""))
+
+
+def describe_holder(lease: Lease) -> str:
+    """Return whose a lock is, from its body: ``run <id> (item 1/4 a dilate, pid 812 on host-a)``; a body without
+    a run (another tool, an older version) gives ``pid 812 on host-a``, an unreadable one ``an unknown holder``."""
+    info = lease.info
+    process = f"pid {info['pid']} on {info.get('host') or 'an unknown host'}" if info.get("pid") else ""
+    scope = waits.current()
+    if info.get("run"):
+        run = "this run" if scope is not None and info["run"] == scope.run_id else f"run {info['run']}"
+        stage_call = " ".join(str(info[k]) for k in ("who", "stage") if info.get(k))
+        return f"{run} ({', '.join(p for p in (stage_call, process) if p)})"
+    return process or "an unknown holder"
 
 
 class StorageLockManager:
@@ -229,12 +262,17 @@ class StorageLockManager:
         """Return True once ``holder`` holds ``key`` (waiting while another live holder has it), False on timeout."""
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         pause = POLL_SECONDS[0]
+        wait = _LockWait(self, key)
         while True:
             if self.is_lock_holder(key, holder):
                 return True
-            if self._try_take(key, holder):
+            taken, blocking = self._try_take(key, holder)
+            if taken:
+                wait.done()
                 return True
+            wait.blocked_by(blocking)
             if deadline is not None and time.monotonic() >= deadline:
+                wait.done()
                 return False
             time.sleep(pause * random.uniform(0.8, 1.2))
             pause = min(pause * 2, POLL_SECONDS[1])
@@ -286,24 +324,27 @@ class StorageLockManager:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
     # -- leases -----------------------------------------------------------------------------------------------------
-    def _try_take(self, key: str, holder: str) -> bool:
+    def _try_take(self, key: str, holder: str) -> tuple[bool, Lease | None]:
+        """Return (True, None) once ``holder`` holds ``key``, else (False, the live lease in the way or None)."""
         body = _body(holder)
         tag = self._backend.create(key, body)
         if tag is None:
             current = self._backend.read(key)
             if current is None:
-                return False  # released between our create and read: the next round creates it
+                return False, None  # released between our create and read: the next round creates it
             if not self._lapsed(current):
-                return False
+                return False, current
             logger.warning("lock %s: taking over from %s, silent for %.0f s (lease %.0f s)", key, current.holder,
                            current.age, self.lease)
             tag = self._backend.take_over(key, current, body)
             if tag is None:
-                return False
+                return False, None
+            waits.announce(f"took over its stage lock from {describe_holder(current)}, silent for "
+                           f"{current.age:.0f} s (lease {self.lease:.0f} s)")
         with self._guard:
-            self._held[key] = Lease(holder, tag, 0.0)
+            self._held[key] = Lease(holder, tag, 0.0, body)
         self._ensure_renewer()
-        return True
+        return True, None
 
     def _lapsed(self, lease: Lease) -> bool:
         return lease.age > self.lease + self._backend.resolution
@@ -336,12 +377,47 @@ class StorageLockManager:
                     logger.warning("lock %s: lease lost to another worker; this stage may be computed twice", key)
                     self._held.pop(key, None)
                 else:
-                    self._held[key] = Lease(lease.holder, tag, 0.0)
+                    self._held[key] = Lease(lease.holder, tag, 0.0, lease.body)
 
     def held(self) -> list[str]:
         """Return the keys this process holds now (for tests and diagnostics)."""
         with self._guard:
             return sorted(self._held)
+
+
+class _LockWait:
+    """One ``acquire_lock`` call's wait: said on the stage call's line (``tasks.waits``) once it lasts
+    ``NOTICE_SECONDS`` and every ``REMIND_SECONDS`` after, naming the holder, how long it has held the lock and when
+    its lease lapses; its seconds and holder go to the stage call's ``StageWaits`` when it ends."""
+
+    def __init__(self, manager: StorageLockManager, key: str) -> None:
+        self.manager, self.key = manager, key
+        self.started: float | None = None
+        self.next_notice = waits.NOTICE_SECONDS
+        self.holder = ""
+
+    def blocked_by(self, lease: Lease | None) -> None:
+        """Note one round in which the lock was not free (``lease``: the live lease in the way, when read)."""
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        if lease is None:
+            return
+        self.holder = describe_holder(lease)
+        if now - self.started >= self.next_notice:
+            self.next_notice += waits.REMIND_SECONDS
+            since = lease.info.get("since")
+            held = f" for {max(0.0, time.time() - since):.0f} s" if isinstance(since, (int, float)) else ""
+            lapses = max(0.0, self.manager.lease + self.manager._backend.resolution - lease.age)
+            waits.announce(f"waiting for its stage lock, held by {self.holder}{held}: last renewed {lease.age:.0f} s "
+                           f"ago, so it lapses in {lapses:.0f} s unless renewed (lease {self.manager.lease:.0f} s)")
+
+    def done(self) -> None:
+        """Add the seconds waited (if any) and the holder to the current stage call."""
+        scope = waits.current()
+        if self.started is not None and scope is not None:
+            scope.lock_s += time.monotonic() - self.started
+            scope.lock_holder = self.holder
 
 
 _MANAGERS: dict[str, StorageLockManager] = {}

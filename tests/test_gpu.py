@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flows import workers
-from tasks import gpu, stages
+from tasks import gpu, stages, waits
 
 
 def test_network_stages_take_turns_on_a_device():
@@ -33,6 +33,34 @@ def test_network_stages_take_turns_on_a_device():
         thread.join()
     assert worst[0] == 1
     assert gpu.device_lock("cuda:0") is gpu.device_lock("cuda:0") is not gpu.device_lock("cuda:1")
+
+
+
+def test_a_wait_for_the_device_names_the_item_in_front_and_is_counted(monkeypatch):
+    """A stage that waits for the device says so once the wait reaches NOTICE_SECONDS, naming the stage call that
+    holds it; its StageWaits gets the seconds and the holder, and the first stage's gets none."""
+    monkeypatch.setattr(waits, "NOTICE_SECONDS", 0.3)
+    said: list[str] = []
+    first = waits.StageWaits(who="item 1/2 a", stage="pass1", announce=said.append)
+    second = waits.StageWaits(who="item 2/2 b", stage="pass1", announce=said.append)
+    holding = threading.Event()
+
+    def hold() -> None:
+        with waits.waiting_in(first), gpu.exclusive_device("cuda:7"):
+            holding.set()
+            time.sleep(1.2)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holding.wait()
+    with waits.waiting_in(second), gpu.exclusive_device("cuda:7"):
+        pass
+    thread.join()
+    assert len(said) == 1 and said[0].startswith("item 2/2 b: pass1 waiting for the device (cuda:7) behind item 1/2 "
+                                                 "a pass1 for ")
+    assert first.waited() == 0 and 0.9 < second.device_s < 2 and second.lock_s == 0
+    assert second.device_holder == "item 1/2 a pass1"
+    assert second.describe() == ", after 1 s waiting for the device behind item 1/2 a pass1"
 
 
 class _FailedState:

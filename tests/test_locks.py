@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 
-from tasks.locks import StorageLockManager
+from tasks import waits
+from tasks.locks import Lease, StorageLockManager, describe_holder
 
 LEASE = 1.0  # seconds: short leases keep these tests fast
 
@@ -89,3 +91,47 @@ def test_many_contenders_never_hold_one_key_together(out):
     for thread in threads:
         thread.join()
     assert worst[0] == 1
+
+
+
+def test_a_wait_for_a_dead_runs_lock_names_its_run_and_when_its_lease_lapses(out, monkeypatch):
+    """The lock records the run, item and stage that took it; a stage waiting for it says whose it is, for how
+    long it has been held and when its lease lapses, then that it took it over; its StageWaits gets the seconds."""
+    import os
+    import socket
+
+    monkeypatch.setattr(waits, "NOTICE_SECONDS", 0.5)
+    lease = 2.0
+    dead, waiter = StorageLockManager(out, lease=lease), StorageLockManager(out, lease=lease)
+    with waits.waiting_in(waits.StageWaits(who="item 1/4 a", stage="dilate", run_id="killed-run")):
+        assert dead.acquire_lock("dilate-k", "x")
+    _silence(dead)
+    said: list[str] = []
+    scope = waits.StageWaits(who="item 3/4 a", stage="dilate", run_id="rerun", announce=said.append)
+    with waits.waiting_in(scope):
+        assert waiter.acquire_lock("dilate-k", "y", acquire_timeout=10)
+    whose = f"run killed-run (item 1/4 a dilate, pid {os.getpid()} on {socket.gethostname()})"
+    assert len(said) == 2, said
+    waiting = re.fullmatch(rf"item 3/4 a: dilate waiting for its stage lock, held by {re.escape(whose)} for (\d+) s: "
+                           r"last renewed (\d+) s ago, so it lapses in (\d+) s unless renewed \(lease 2 s\)", said[0])
+    assert waiting, said[0]
+    held, age, lapses = (int(g) for g in waiting.groups())
+    # announced after 0.5 s; S3 reads ages in whole seconds (up to 1 s off), and lapses 1 s later (resolution)
+    assert held in (0, 1) and age in (0, 1, 2) and lapses in (1, 2, 3)
+    assert re.fullmatch(rf"item 3/4 a: dilate took over its stage lock from {re.escape(whose)}, silent for [2-4] s "
+                        r"\(lease 2 s\)", said[1]), said[1]
+    assert 1.9 < scope.lock_s < 5 and scope.lock_holder == whose and scope.device_s == 0
+    lock = waiter._backend.read("dilate-k")
+    assert (lock.info["run"], lock.info["who"], lock.info["stage"]) == ("rerun", "item 3/4 a", "dilate")
+
+
+def test_a_lock_taken_by_this_run_says_so_and_a_bare_one_names_its_process(out):
+    manager = StorageLockManager(out, lease=30)
+    with waits.waiting_in(waits.StageWaits(who="item 1/2 a", stage="pass1", run_id="r1")):
+        assert manager.acquire_lock("pass1-k", "x")
+        lease = manager._backend.read("pass1-k")
+        assert describe_holder(lease).startswith("this run (item 1/2 a pass1, pid ")
+    assert describe_holder(lease).startswith("run r1 (item 1/2 a pass1, pid ")
+    bare = Lease("h", "t", 0.0, b'{"holder": "h", "pid": 12, "host": "gpu-7"}')
+    assert describe_holder(bare) == "pid 12 on gpu-7"
+    assert describe_holder(Lease("h", "t", 0.0, b"not json")) == "an unknown holder"

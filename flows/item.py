@@ -12,6 +12,8 @@ pass 1 and blend). Details that keep the content-addressed cache safe with many 
 - each returned record is checked (``settle``): its content-addressed object must still exist (else the stage is
   recomputed with ``refresh_cache=True``) and the item's own readable copy is refreshed from it when it is missing or
   holds another output (an identical row elsewhere, or another run's settings);
+- the item's readable copies always come from one computation: a stage that computes, restores its copy or fails
+  first removes the copies of the stages after it (``tasks.stages.discard_copies``), and a failed stage its own;
 - each stage call's waits (its stage lock held by another run or worker, the device held by another item) are said
   while they last and on the stage's progress line, and are never counted in the stage's seconds (``tasks.waits``).
 
@@ -34,7 +36,7 @@ from harmonize_core.stages import STAGES
 from tasks import storage
 from tasks.caching import config_from_dict, stage_policy
 from tasks.gpu import worker_name
-from tasks.stages import PROGRESS, STAGE_TASKS, metrics_for_item, variant_of
+from tasks.stages import PROGRESS, STAGE_TASKS, discard_copies, metrics_for_item, variant_of
 from tasks.waits import StageWaits, waiting_in
 
 from .summary import COMPLETED, FAILED, write_row
@@ -55,7 +57,11 @@ class ItemFailed(Exception):
 
 
 def settle(stage: str, record: dict[str, Any], item: dict[str, Any], out: str) -> dict[str, Any] | None:
-    """Return ``record`` with this item's own copy in place, or None when its object is gone (recompute)."""
+    """Return ``record`` with this item's own copy in place, or None when its object is gone (recompute).
+
+    A copy restored here (missing, or another computation's) makes the later stages' copies suspect: they are
+    removed, and each later stage puts its own back as it settles.
+    """
     if "item_uri" not in record or storage.digest(record["uri"]) != record["sha256"]:
         return None
     variant = variant_of(item, stage)
@@ -64,6 +70,7 @@ def settle(stage: str, record: dict[str, Any], item: dict[str, Any], out: str) -
         storage.copy(record["uri"], expected)
         metrics = json.loads(storage.read_bytes(record["metrics_uri"]))
         storage.write_bytes(storage.uri_for(out, item["id"], stage, "json", variant), metrics_for_item(metrics, item))
+        discard_copies(out, item, stage, including=False)
     return {**record, "item_uri": expected}
 
 
@@ -145,6 +152,9 @@ def run_chain(item: dict[str, Any], stages: tuple[str, ...], chain: dict[str, An
                 chain["records"][stage], hit = run_stage(
                     stage, item, out, result_storage=context["result_storage"], device=context["device"],
                     **stage_inputs(stage, chain["records"], context["backbone"]))
+        except Exception:
+            _discard_after_failure(out, item, stage)
+            raise
         finally:
             # a stage's seconds never include its waits for the stage lock and the device (said on its line)
             chain["seconds"][stage] = max(0.0, time.perf_counter() - started - scope.waited())
@@ -154,6 +164,15 @@ def run_chain(item: dict[str, Any], stages: tuple[str, ...], chain: dict[str, An
             chain["seconds"][stage] = float(computed)  # the core's own compute time (no loading, no writing)
         how = ("cached" if hit else f"{chain['seconds'][stage]:.1f} s") + scope.describe()
         logger.info("%s: %s done (%s)", who, stage, how, extra=PROGRESS)
+
+
+def _discard_after_failure(out: str, item: dict[str, Any], stage: str) -> None:
+    """Remove the item's copies of a failed stage and the later ones (``tasks.stages.discard_copies``): none of
+    them belongs to this computation. A storage error here is logged; the stage's own error is the one reported."""
+    try:
+        discard_copies(out, item, stage)
+    except Exception as exc:  # noqa: BLE001 - the failure being reported matters more
+        get_run_logger().warning("item %s: could not remove its %s copies: %s", item["id"], stage, one_line(exc))
 
 
 def _failed(item: dict[str, Any], out: str, chain: dict[str, Any], stage: str, exc: Exception) -> dict[str, Any]:

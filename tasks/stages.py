@@ -3,7 +3,9 @@
 A task reads its inputs by URI, calls ``harmonize_core.stages``, and writes its image and metrics twice: once as
 immutable objects named by their sha256 (``<out>/.cache/objects/<sha256>.png|json``, what the records and the
 downstream stages read, so a reader never sees a file another writer is replacing) and once as the item's own
-readable copy ``<out>/<id>[/<variant>]/<stage>.png|json``. It returns a small JSON record (never tensors)::
+readable copy ``<out>/<id>[/<variant>]/<stage>.png|json``. A task that computes first removes the item's copies of
+its stage and the later ones (``discard_copies``): the copies in an item's folder always come from one computation,
+never a new ``dilate.png`` beside pass images of an older size. It returns a small JSON record (never tensors)::
 
     {"stage": "pass1", "uri": ".../.cache/objects/<sha>.png", "sha256": "<sha>", "metrics_uri": "...json",
      "item_uri": ".../<id>/pass1.png", "summary": {"seconds": 12.3, "final_loss": 0.41}}
@@ -177,6 +179,32 @@ def save_stage(out: str, item: dict[str, Any], output: core.StageOutput, stage: 
             "summary": summarize(output.metrics)}
 
 
+def discard_copies(out: str, item: dict[str, Any], stage: str, including: bool = True) -> list[str]:
+    """Remove the item's readable copies (``.png`` and ``.json``) of ``stage`` (unless ``including`` is False) and of
+    every stage after it, so that no copy from an older computation sits beside a newer one looking current; return
+    the URIs removed.
+
+    A shared stage (dilate, pass1, blend) feeds every variant: the later stages' copies go from the item's folder
+    and from each variant folder under it. A variant stage (pass2, reconstruct) only clears its own folder. The
+    content-addressed objects and cache records are never touched: a later cache hit restores a copy.
+    """
+    later = core.STAGES[core.STAGES.index(stage) + (0 if including else 1):]
+    names = {f"{name}.{ext}" for name in later for ext in ("png", "json")}
+    folder = storage.join(out, storage.check_item_id(item["id"]))
+    own = variant_of(item, stage)
+    removed = []
+    for uri in storage.list_uris(folder):
+        parts = uri[len(folder):].lstrip("/" + os.sep).replace(os.sep, "/").split("/")
+        if parts[-1] not in names or len(parts) > 2:
+            continue
+        in_variant = parts[0] if len(parts) == 2 else ""
+        if stage in VARIANT_STAGES and in_variant != own:
+            continue
+        storage.delete(uri)
+        removed.append(uri)
+    return removed
+
+
 def journal(stage: str, item: dict[str, Any], digest: str, seconds: Any) -> None:
     """Append one JSON line to ``$HARMONIZE_COMPUTE_LOG`` (if set) recording a stage that really computed."""
     path = os.environ.get(COMPUTE_LOG_ENV)
@@ -201,6 +229,7 @@ def progress_logger(item_id: str) -> Callable[[core.Iterate], None]:
 @stage_task("dilate")
 def dilate(item: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write the loose mask M+ (``dilate.png``, 0/255 grey) and return its record."""
+    discard_copies(out, item, "dilate")
     inputs, config = load_inputs(item, device)
     return save_stage(out, item, core.dilate(inputs, config), "dilate")
 
@@ -209,6 +238,7 @@ def dilate(item: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any
 def pass1(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any], out: str,
           device: str = "cpu") -> dict[str, Any]:
     """Write pass 1's optimised image (``pass1.png``, unblended) and its loss curves; return the record."""
+    discard_copies(out, item, "pass1")
     inputs, config = load_inputs(item, device)
     network = load_for_task(backbone, device)
     with exclusive_device(device), guard_cuda():
@@ -219,6 +249,7 @@ def pass1(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any],
 @stage_task("blend")
 def blend(item: dict[str, Any], pass1: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write pass 1's image feathered into the painting (``blend.png``) and return its record."""
+    discard_copies(out, item, "blend")
     inputs, config = load_inputs(item, device)
     return save_stage(out, item, core.blend(load_stage_image(pass1, device), inputs, config), "blend", pass1=pass1)
 
@@ -227,6 +258,7 @@ def blend(item: dict[str, Any], pass1: dict[str, Any], out: str, device: str = "
 def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], backbone: dict[str, Any],
           out: str, device: str = "cpu") -> dict[str, Any]:
     """Write pass 2's image blended into the painting (``pass2.png``) and its loss curves; return the record."""
+    discard_copies(out, item, "pass2")
     inputs, config = load_inputs(item, device)
     network = load_for_task(backbone, device)
     with exclusive_device(device), guard_cuda():
@@ -238,6 +270,7 @@ def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], 
 @stage_task("reconstruct", gpu=True)
 def reconstruct(item: dict[str, Any], pass2: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write the post-processed final image (``reconstruct.png``) and return its record."""
+    discard_copies(out, item, "reconstruct")
     inputs, config = load_inputs(item, device)
     with exclusive_device(device), guard_cuda():
         output = core.reconstruct(load_stage_image(pass2, device), inputs, config)

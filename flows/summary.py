@@ -175,7 +175,7 @@ def update_status(out: str, run_id: str, rows: list[dict[str, Any]], *, since: s
     whose id is among them loses it. The read-modify-write holds the output storage's lock on ``status`` so
     concurrent runs do not lose rows.
     """
-    from tasks.locks import lock_manager_for
+    from tasks.storage.locks import lock_manager_for
 
     uri = storage.join(out, STATUS_NAME)
     locks, holder = lock_manager_for(out), f"status-{uuid.uuid4()}"

@@ -24,7 +24,7 @@ that writes to the same output location finds it:
   or a server), and the tasks get the slug, resolved lazily when they run. Its ``AwsCredentials()`` carry no
   secrets or endpoint: boto3's standard chain (``AWS_ENDPOINT_URL_S3`` ...) applies, as in ``tasks.storage``.
 
-Each stage runs in a SERIALIZABLE transaction whose lock manager (``tasks.locks.StorageLockManager``) keeps its
+Each stage runs in a SERIALIZABLE transaction whose lock manager (``tasks.storage.locks.StorageLockManager``) keeps its
 locks in the same output storage: two workers reaching one key at once compute it once (``stage_policy``).
 
 The flow applies the storage and the policy with ``task.with_options(...)`` at run time (decorators run at import,
@@ -47,7 +47,7 @@ from harmonize_core.config import HarmonizeConfig, apply_overrides, stage_sectio
 
 from . import storage
 from .code_digest import installed_code_digests
-from .locks import lock_manager_for
+from .storage.locks import lock_manager_for
 
 CACHE_SCHEMA = "2"  # bump to invalidate every stage record at once (2: records name content-addressed objects)
 FILE_INPUTS: tuple[str, ...] = ("content", "style", "mask")

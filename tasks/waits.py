@@ -1,6 +1,6 @@
 """What a stage call waits for, said while it waits and counted after: its stage lock, then the device.
 
-A stage call may wait twice before it computes: for its **stage lock** (``tasks.locks``: another run or worker,
+A stage call may wait twice before it computes: for its **stage lock** (``tasks.storage.locks``: another run or worker,
 perhaps a killed one whose lease has not lapsed yet, holds the same cache key), then for the **device**
 (``tasks.gpu``: another item's network stage is on it). ``flows.item`` opens a ``StageWaits`` scope around each
 stage call (``waiting_in``); the lock manager and the device lock find it here (``current``), announce a wait that

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tasks import waits
-from tasks.locks import Lease, StorageLockManager, describe_holder
+from tasks.storage.locks import Lease, StorageLockManager, describe_holder
 
 LEASE = 1.0  # seconds: short leases keep these tests fast
 

@@ -24,8 +24,9 @@ from flows.harmonize import ItemsFailed, harmonize_manifest
 from flows.summary import read_summary
 from harmonize_core import stages as core_stages
 from harmonize_core.stages import STAGES
-from tasks import locks, waits
 from tasks import stages as stage_tasks
+from tasks import waits
+from tasks.storage import locks
 
 SHARED = ("dilate", "pass1", "blend")
 PER_TAU = ("pass2", "reconstruct")

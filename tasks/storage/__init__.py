@@ -11,7 +11,9 @@ Every read and write of the pipeline goes through here, so that:
   the standard environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, credentials, region);
 - output locations come from ``uri_for`` alone, so no URI literal is repeated anywhere.
 
-Objects written here carry their sha256 (S3 user metadata ``sha256``), so ``digest`` is a HEAD on S3.
+Objects written here carry their sha256 (S3 user metadata ``sha256``), so ``digest`` is a HEAD on S3. The stage
+locks live in the same storage (``tasks.storage.locks``). This package imports no other part of the pipeline but
+``tasks.waits`` (where a lock wait is said), so ``manifests`` can use it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from . import storage, waits
+from tasks import storage, waits
 
 LOCKS_DIR = "locks"  # under <out>/.cache
 LEASE_ENV = "HARMONIZE_LOCK_LEASE_SECONDS"

@@ -28,6 +28,7 @@ from .masks import propagate_mask
 from .matching import gather_targets, patch_cosine_match
 from .objective import LbfgsSettings, Problem, Snapshots, Term, optimise
 from .progress import Iterate
+from .timing import phase
 
 FREE_MEMORY_SHARE = 0.5  # on CUDA a match chunk never takes more than half of the memory free at the time
 
@@ -59,8 +60,9 @@ def matched_gram_targets(
     for name, mask in masks.items():
         started = time.perf_counter()
         query = mask[0, 0] > 0
-        index = patch_cosine_match(content_feats[name][0], style_feats[name][0], query,
-                                   patch_size=patch_size, budget_bytes=budget_bytes)
+        with phase("pass1.match", name):
+            index = patch_cosine_match(content_feats[name][0], style_feats[name][0], query,
+                                       patch_size=patch_size, budget_bytes=budget_bytes)
         mapped = gather_targets(style_feats[name][0], index).unsqueeze(0)
         targets[name] = masked_gram(mapped, mask)
         seconds[name] = round(time.perf_counter() - started, 4)

@@ -36,6 +36,7 @@ from .matching import normalized_sum_match
 from .objective import LbfgsSettings, Problem, Snapshots, SparseGradient, Term, optimise
 from .pass1 import layer_masks, match_budget
 from .progress import Iterate
+from .timing import phase
 
 HIST_MASK_THRESHOLD = 0.1  # neural_paint.lua L258-261: maskI = loose mask at the layer > 0.1
 TIGHT_THRESHOLD = 0.1  # neural_paint.lua L150: tmask = tight > 0.1 after a nearest resize
@@ -57,9 +58,12 @@ def consistent_used_sets(
     radius = cfg.refine_size // 2
     # Refinement reads P0 at p + o for |o| <= radius: match those neighbours too, nothing else.
     query = F.max_pool2d(tmask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
-    P0 = normalized_sum_match(reference[0], BP[0], query, budget_bytes=match_budget(cfg.match_budget_mb, BP.device))
+    with phase("pass2.match", cfg.reference_layer):
+        P0 = normalized_sum_match(reference[0], BP[0], query,
+                                  budget_bytes=match_budget(cfg.match_budget_mb, BP.device))
     painting_small = resize(style, shape)[0]
-    P = refine_mapping(P0, tmask, painting_small.to(BP.device), radius=radius)
+    with phase("pass2.refine"):
+        P = refine_mapping(P0, tmask, painting_small.to(BP.device), radius=radius)
     used = used_style_mask(P, tmask, shape, ring_radius=cfg.ring_radius)
     sets = {}
     for name, feats in style_feats.items():

@@ -421,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``harmonize`` command line and return its exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     _configure_environment(getattr(args, "verbose", False))
+    if getattr(args, "handler", None) in (cmd_run, cmd_demo):  # Prefect's local API server dies with the run, even a killed one
+        from .lifeline import guard_children
+        guard_children()
     from harmonize_core.errors import HarmonizeError
 
     from .text import one_line

@@ -1,7 +1,7 @@
-"""``python -m bench``: see ``bench.run``."""
+"""``python -m bench``: see ``bench.cli``."""
 
 import sys
 
-from .run import main
+from .cli import main
 
 sys.exit(main())

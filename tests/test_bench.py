@@ -7,6 +7,7 @@ compares equal results, and that the extrapolated figures are the measured ones 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -16,16 +17,16 @@ import pytest
 import torch
 
 from bench import MIB, PeakMemory, with_memory_format
-from bench.evalcost import EVAL_BAR, EvalCost, plain_forward_backward
-from bench.run import (
-    PAPER_ITERATIONS,
-    lbfgs_history_bytes,
-    lbfgs_state_peak,
-    main,
-    steady_iteration_seconds,
-)
+from bench.cli import main
+from bench.common import PAPER_ITERATIONS, lbfgs_history_bytes, steady_iteration_seconds
+from bench.phases import PhaseError, recording_phases
+from bench.sections.evalcost import EVAL_BAR, EvalCost, plain_forward_backward
+from bench.sections.fastpaths.history import lbfgs_state_peak
+from bench.sections.stages import PASS_PHASES
+from harmonize_core import stages, timing
+from harmonize_core.config import preset
 from harmonize_core.objective import Problem, Term
-from harmonize_core.vgg import load_backbone
+from harmonize_core.network.vgg import load_backbone
 
 STAGE_SIZE, RATIO_SIZE, ITERATIONS = 48, 64, 2
 SMOKE_ARGS = ["--sizes", str(STAGE_SIZE), "--iterations", str(ITERATIONS), "--ratio-size", str(RATIO_SIZE),
@@ -69,6 +70,7 @@ def test_stage_rows_and_extrapolation(smoke):
     stage_sum = sum(value[(s, "seconds")] for s in ("dilate", "pass1", "blend", "pass2", "reconstruct"))
     assert value[("end_to_end", "seconds")] == pytest.approx(stage_sum, abs=1e-3)
     assert all(v > 0 for (s, m), v in value.items() if m in ("seconds", "per_iteration", "peak_mb"))
+    assert all(value[key] > 0 for key in STAGE_METRICS if key[1].startswith("match_") or key[1] == "refine")
 
 
 def test_ratio_rows_compare_equal_results(smoke):
@@ -176,3 +178,56 @@ def test_evalcost_verdict_reads_the_bar():
     row = EvalCost("pass2", 700, "564x700", "vgg16", "w", "relu4_1", 1.0, 1.25, 1.25, 1.2, 3, 2, "1 -> 1")
     assert row.verdict == "PASS"
     assert dataclasses.replace(row, ratio=1.26).verdict == "FAIL"
+
+
+# ------------------------------------------------------------------------ the core's phase hook (harmonize_core.timing)
+@pytest.fixture(scope="module")
+def tiny_passes():
+    """Pass 1 and pass 2 of a 32 x 40 item, 1 iteration each, random VGG16: (inputs, loose, backbone, config)."""
+    generator = torch.Generator().manual_seed(4)
+    content, style = torch.rand(1, 3, 32, 40, generator=generator), torch.rand(1, 3, 32, 40, generator=generator)
+    mask = torch.zeros(1, 1, 32, 40)
+    mask[..., 10:22, 12:28] = 1
+    config = preset("quick").replace(**{"sizing.size": 40, "pass1.iterations": 1, "pass2.iterations": 1,
+                                        "backbone.name": "vgg16", "backbone.weights": "random:0"})
+    inputs = stages.prepare_inputs(content, style, mask, config)
+    backbone = load_backbone("vgg16", "random:0")
+    return inputs, stages.dilate(inputs, config).image, backbone, config
+
+
+def test_every_phase_the_bench_times_reports_once_per_layer(tiny_passes):
+    inputs, loose, backbone, config = tiny_passes
+    assert {name for names in PASS_PHASES.values() for name in names} == set(timing.PHASES)
+    with recording_phases(torch.device("cpu"), PASS_PHASES["pass1"]) as phases1:
+        out1 = stages.pass1(inputs, loose, backbone, config)
+    assert list(phases1.by_detail("pass1.match")) == list(config.pass1.style_layers)
+    assert phases1.count("pass1.match") == 3 and phases1.total("pass1.match") > 0
+    with recording_phases(torch.device("cpu"), PASS_PHASES["pass2"]) as phases2:
+        stages.pass2(inputs, loose, stages.blend(out1.image, inputs, config).image, backbone, config)
+    assert phases2.count("pass2.match") == 1 and phases2.count("pass2.refine") == 1
+    assert list(phases2.by_detail("pass2.match")) == [config.pass2.reference_layer]
+    assert set(phases2.times) == {"pass2.match", "pass2.refine"}  # nothing of pass 1's
+
+
+def test_a_phase_that_never_reports_or_is_not_declared_fails_loudly(tiny_passes):
+    inputs, loose, backbone, config = tiny_passes
+    with pytest.raises(PhaseError, match=r"^phase\(s\) pass2.refine never reported"):
+        with recording_phases(torch.device("cpu"), ("pass2.refine",)):
+            stages.dilate(inputs, config)
+    with pytest.raises(PhaseError, match="pass1.matching that harmonize_core.timing.PHASES does not declare"):
+        with recording_phases(torch.device("cpu"), ("pass1.matching",)):
+            pass
+    with pytest.raises(PhaseError, match="reported phase\\(s\\) pass9.x missing"):
+        with recording_phases(torch.device("cpu"), ()):
+            with timing.phase("pass9.x"):
+                pass
+
+
+def test_the_phase_hook_does_nothing_unless_recording_and_changes_no_result(tiny_passes):
+    inputs, loose, backbone, config = tiny_passes
+    assert isinstance(timing.phase("pass1.match", "relu3_1"), contextlib.nullcontext)
+    plain = stages.pass1(inputs, loose, backbone, config).image
+    with recording_phases(torch.device("cpu"), PASS_PHASES["pass1"]):
+        recorded = stages.pass1(inputs, loose, backbone, config).image
+    assert torch.equal(plain, recorded)
+    assert isinstance(timing.phase("pass1.match"), contextlib.nullcontext)  # the recorder is gone after the block

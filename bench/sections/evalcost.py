@@ -25,16 +25,15 @@ import torch
 from harmonize_core import stages
 from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import WeightsUnavailableError
+from harmonize_core.network.vgg import load_backbone
 from harmonize_core.objective import Problem, evaluate
 from harmonize_core.pass1 import pass1_problem
 from harmonize_core.pass2 import pass2_problem
-from harmonize_core.vgg import load_backbone
 
-from . import timed
+from .. import timed
+from ..common import Options, load_bench_item, stage_config
 
 EVAL_BAR = 1.25  # issue 10: an evaluation costs at most 1.25x a plain forward + backward to the deepest tap
-EVAL_SIZES = (140, 700)
-EVAL_NETS = (("vgg16", "offline-vgg16"), ("vgg19", "random:0"))
 EVAL_TAU = 5.0  # the paper's default style weight; the cost does not depend on it
 EVAL_REPEATS = {"small": 7, "large": 3}
 LARGE_SIZE = 400  # from this size on, fewer repeats (one 700 px evaluation takes seconds on a CPU)
@@ -82,7 +81,7 @@ def plain_forward_backward(problem: Problem, x: torch.Tensor) -> Callable[[], to
 
 
 def pass_problems(item: Any, size: int, backbone: Any, config: HarmonizeConfig) -> dict[str, tuple[Problem, Any]]:
-    """Return {"pass1": (problem, x0), "pass2": (problem, x0)} for ``item`` (a ``bench.run.Item``) at ``size``."""
+    """Return {"pass1": (problem, x0), "pass2": (problem, x0)} for ``item`` (a ``bench.common.Item``) at ``size``."""
     inputs = stages.prepare_inputs(item.content, item.style, item.mask, config)
     loose = stages.dilate(inputs, config).image
     problem1, x1, _ = pass1_problem(inputs.content, inputs.style, loose, backbone, config)
@@ -124,17 +123,16 @@ def measure_eval_cost(item: Any, size: int, arch: str, weights: str, config: Har
     return rows
 
 
-def run_evalcost(load_item: Callable[[int], Any], make_config: Callable[[int, str, str], HarmonizeConfig],
-                 sizes: tuple[int, ...], nets: tuple[tuple[str, str], ...], device: torch.device,
-                 repeats: int | None = None) -> list[EvalCost]:
-    """Return the rows for every (network, size), printing each as it finishes; a network whose weights are not
-    installed is skipped with a line saying so."""
+def run_evalcost(options: Options) -> list[EvalCost]:
+    """Return the rows for every network of ``--evalcost-nets`` at every ``--evalcost-sizes``, printing each as it
+    finishes; a network whose weights are not installed is skipped with a line saying so."""
     rows: list[EvalCost] = []
-    for arch, weights in nets:
-        for size in sizes:
+    for arch, weights in options.evalcost_nets:
+        for size in options.evalcost_sizes:
             try:
-                new = measure_eval_cost(load_item(size), size, arch, weights, make_config(size, arch, weights),
-                                        device, repeats)
+                new = measure_eval_cost(load_bench_item(options.case, size), size, arch, weights,
+                                        stage_config(size, 0, arch, weights), options.device,
+                                        options.evalcost_repeats)
             except WeightsUnavailableError as exc:
                 print(f"  evalcost: {arch} {weights} skipped ({exc})", flush=True)
                 break

@@ -18,9 +18,9 @@ import torch
 from .config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, override_targets, preset
 from .estimate import describe_seconds, item_seconds, working_pixels
 from .io import load_item, save_outputs
+from .network.vgg import load_backbone, resolve_device
+from .network.weights import describe_network
 from .stages import harmonize, prepare_inputs
-from .vgg import load_backbone, resolve_device
-from .weights import describe_network
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .weights_cache import default_caffe_vgg19
+from .network.weights_cache import default_caffe_vgg19
 
 PAPER_SIZE = 700  # gen_all.py L24,L33: the working long side every hyperparameter below was tuned at
 DEFAULT_TAU = 5.0  # the authors' middle level (issue #6: levels 1, 5, 10); the code itself has no default

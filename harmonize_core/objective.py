@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architecture import TAPS
 from .errors import DivergedError, StageTimeoutError
+from .network.architecture import TAPS
 from .window import Window
 
 GRADIENT_EPS = 1e-8  # neural_paint.lua L537-539: g / (||g|| + 1e-8)

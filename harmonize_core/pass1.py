@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-from .architecture import layer_plan
 from .config import HarmonizeConfig, use_bf16
 from .losses import (
     content_loss,
@@ -26,6 +25,7 @@ from .losses import (
 )
 from .masks import propagate_mask
 from .matching import gather_targets, patch_cosine_match
+from .network.architecture import layer_plan
 from .objective import LbfgsSettings, Problem, Snapshots, Term, optimise
 from .progress import Iterate
 from .timing import phase

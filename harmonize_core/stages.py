@@ -18,6 +18,7 @@ from .errors import InputError
 from .images import quantize, resize, to_working_size, working_shape
 from .losses import noise_estimate
 from .masks import dilate_mask, feather_mask
+from .network.vgg import load_backbone
 from .pass1 import run_pass1
 from .pass2 import run_pass2
 from .postprocess import reconstruct as run_reconstruct
@@ -25,7 +26,6 @@ from .progress import Iterate as Iterate  # re-exported: harmonize_core.stages.I
 from .progress import ProgressFn, stage_record
 from .quality import quality_scores
 from .tau import estimate_tau
-from .vgg import load_backbone
 
 STAGES: tuple[str, ...] = ("dilate", "pass1", "blend", "pass2", "reconstruct")
 

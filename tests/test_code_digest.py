@@ -173,7 +173,7 @@ def test_the_stage_roots_exist_and_the_copy_matches_the_installed_core(core_copy
     assert code_digest.stage_roots("dilate")[-1] == "stages:dilate"
 
 
-# (module, top-level definition edited) -> the stages whose digest changes
+# (dotted module under the core, top-level definition edited) -> the stages whose digest changes
 CORE_EDITS = [
     ("masks", "dilate_mask", {"dilate"}),
     ("masks", "feather_mask", {"blend", "pass2"}),  # pass 2 ends with the blend
@@ -181,8 +181,8 @@ CORE_EDITS = [
     ("losses", "masked_gram", {"pass1", "pass2"}),
     ("histogram", "remap_histogram", {"pass2"}),
     ("tau", "estimate_tau", {"pass2"}),
-    ("vgg", "build_features", {"pass1", "pass2"}),
-    ("weights", "normalize_state_dict", {"pass1", "pass2"}),
+    ("network.vgg", "build_features", {"pass1", "pass2"}),
+    ("network.weights", "normalize_state_dict", {"pass1", "pass2"}),
     ("postprocess", "reconstruct", {"reconstruct"}),
     ("quality", "quality_scores", {"reconstruct"}),  # the scores are computed in the reconstruct stage
     ("stages", "pass2", {"pass2"}),  # another stage's function in the same module changes nothing else
@@ -190,7 +190,7 @@ CORE_EDITS = [
     ("progress", "Iterate", set()),  # progress events
     ("progress", "stage_record", set()),  # the metrics record
     ("objective", "ProgressLog", set()),  # loss curves for the report
-    ("weights", "describe_network", set()),
+    ("network.weights", "describe_network", set()),
     ("config", "HarmonizeConfig", set()),  # settings count through their values in the key, not the class
     ("cli", "run_one", set()),
     ("estimate", "stage_seconds", set()),
@@ -200,7 +200,7 @@ CORE_EDITS = [
 def test_edits_to_the_real_core_change_exactly_the_stages_that_run_the_edited_code(core_copy):
     before = code_digest.stage_code_digests(core_copy)
     for module, name, stages in CORE_EDITS:
-        path = core_copy / f"{module}.py"
+        path = core_copy.joinpath(*module.split(".")).with_suffix(".py")
         original = path.read_text()
         insert_into(path, name)
         after = code_digest.stage_code_digests(core_copy)

@@ -12,8 +12,8 @@ from typing import Literal
 
 import torch
 
+from ..errors import InputError
 from .architecture import RGB_CHANNELS
-from .errors import InputError
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import InputError, WeightsUnavailableError
 from .architecture import LAYER_NAMES, check_arch, conv_shapes
-from .errors import InputError, WeightsUnavailableError
 from .preprocessing import CAFFE, PREPROCESSINGS, TORCHVISION, Preprocessing
 from .weights_cache import CACHE_DIR_ENV as CACHE_DIR_ENV
 from .weights_cache import CAFFE_VGG19_ENV, CONVENTION_MARK, cache_dir

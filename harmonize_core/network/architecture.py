@@ -9,7 +9,7 @@ registry (``weights``) checks files against these shapes, and the network (``vgg
 
 from __future__ import annotations
 
-from .errors import InputError
+from ..errors import InputError
 
 POOL = "M"
 CONV_KERNEL = 3

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .architecture import (
     ARCHS,
     CONV_KERNEL,
@@ -33,7 +34,6 @@ from .architecture import (
     conv_shapes,
     layer_plan,
 )
-from .errors import InputError
 from .preprocessing import CAFFE, PREPROCESSINGS, TORCHVISION, Preprocessing
 from .weights import WeightsSource, load_state_dict, parse_weights_source, source_stamp
 
@@ -132,7 +132,7 @@ def load_backbone(
     """Return the ``Backbone`` for ``arch`` with ``weights`` on ``device`` (eval mode, parameters frozen).
 
     ``weights``: ``imagenet`` | ``offline-vgg16`` | a local .pth/.pt path | ``random:<seed>`` (tests only); see
-    ``harmonize_core.weights``. Loaded backbones are cached in-process by (arch, weights, device, ceil_mode, and a
+    ``harmonize_core.network.weights``. Loaded backbones are cached in-process by (arch, weights, device, ceil_mode, and a
     local file's size and mtime), so repeated stage calls do not reload. Raises ``WeightsUnavailableError`` when the
     weights cannot be had; never falls back to random weights.
     """

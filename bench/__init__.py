@@ -176,7 +176,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def with_memory_format(backbone: Any, memory_format: torch.memory_format) -> Any:
-    """Return a copy of ``backbone`` (a ``harmonize_core.vgg.Backbone``) whose conv weights are in
+    """Return a copy of ``backbone`` (a ``harmonize_core.network.vgg.Backbone``) whose conv weights are in
     ``memory_format``; the original is untouched. Convolutions pick their layout from the weight (oneDNN on the
     CPU, cuDNN on CUDA), so this switches the whole network. ``load_backbone`` builds channels_last nets; the
     benchmark compares them with a ``torch.contiguous_format`` (NCHW) copy. Features keep their shape and values.

@@ -747,7 +747,7 @@ def check(args) -> int:
     """Run ``harmonize`` with the ``fast`` preset (at the study size) on ``--cases`` and score it against the grid's
     1000 + 1000; also report the scores of the grid's snapshot at the same schedule and stop step."""
     from harmonize_core import harmonize, load_item, preset
-    from harmonize_core.vgg import load_backbone
+    from harmonize_core.network.vgg import load_backbone
 
     taus = authors_taus(args.cases_dir)
     backbone = load_backbone("vgg16", "offline-vgg16", device=args.device, ceil_mode=True)
@@ -798,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command in ("score", "bf16-score", "check"):
         return {"score": score, "bf16-score": score_precision, "check": check}[args.command](args)
-    from harmonize_core.vgg import load_backbone
+    from harmonize_core.network.vgg import load_backbone
 
     backbone = load_backbone("vgg16", "offline-vgg16", device=args.device, ceil_mode=True)
     {"grid": grid, "noise": noise, "bf16": bf16}[args.command](args, backbone)

@@ -294,7 +294,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _device_type(device: str) -> str:
-    from harmonize_core.vgg import resolve_device
+    from harmonize_core.network.vgg import resolve_device
 
     return resolve_device(device).type
 

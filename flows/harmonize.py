@@ -194,8 +194,8 @@ def harmonize_manifest(
 def _run_records(report: ValidationReport, records: list[dict[str, Any]], out: str, run_id: str,
                  progress: RunProgress, *, device: str, pool: str | None, shard_size: int) -> None:
     """Run the valid items here or on ``pool``, adding their rows to ``progress`` as they finish."""
-    from harmonize_core.vgg import resolve_device
-    from harmonize_core.weights import describe_network
+    from harmonize_core.network.vgg import resolve_device
+    from harmonize_core.network.weights import describe_network
 
     logger = get_run_logger()
     if records:

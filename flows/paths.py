@@ -31,8 +31,8 @@ from .text import one_line
 
 POOL_MARKER = "pool.json"  # under <out>/runs/<run_id>/: written by the coordinator before any shard starts
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-WEIGHTS_CONVENTION_MARK = "#"  # harmonize_core.weights.CONVENTION_MARK ("<file>#caffe")
-WEIGHTS_RANDOM_PREFIX = "random:"  # harmonize_core.weights.RANDOM_PREFIX
+WEIGHTS_CONVENTION_MARK = "#"  # harmonize_core.network.weights.CONVENTION_MARK ("<file>#caffe")
+WEIGHTS_RANDOM_PREFIX = "random:"  # harmonize_core.network.weights.RANDOM_PREFIX
 SHARED_DISK_HINT = "give s3:// URIs, or put them on a disk every worker mounts at the same path"
 
 
@@ -58,8 +58,8 @@ def absolute_location(value: str, what: str) -> str:
 
 def split_weights(source: str) -> tuple[str, str]:
     """Return ``(body, suffix)`` of a ``--weights`` source: ``("w.pth", "#caffe")`` for ``w.pth#caffe``, the source
-    and ``""`` when it has no input-convention suffix (the core's own rule, ``harmonize_core.weights``)."""
-    from harmonize_core.preprocessing import PREPROCESSINGS
+    and ``""`` when it has no input-convention suffix (the core's own rule, ``harmonize_core.network.weights``)."""
+    from harmonize_core.network.preprocessing import PREPROCESSINGS
 
     text = source.strip()
     body, mark, convention = text.rpartition(WEIGHTS_CONVENTION_MARK)
@@ -68,7 +68,7 @@ def split_weights(source: str) -> tuple[str, str]:
 
 def is_local_weights_file(source: str) -> bool:
     """Return True when a ``--weights`` source names a local file (not a registered name, ``random:``, ``s3://``)."""
-    from harmonize_core.weights import REGISTERED_NAMES
+    from harmonize_core.network.weights import REGISTERED_NAMES
 
     body = split_weights(source)[0]
     return not (body in REGISTERED_NAMES or body.startswith(WEIGHTS_RANDOM_PREFIX) or SCHEME.match(body))

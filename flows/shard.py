@@ -72,7 +72,7 @@ def harmonize_shard(items: list[dict[str, Any]], out: str, backbone: dict[str, A
     """
     from prefect.states import Failed
 
-    from harmonize_core.vgg import resolve_device
+    from harmonize_core.network.vgg import resolve_device
 
     logger = get_run_logger()
     problem = pool_marker_problem(out, run_id, worker_name())

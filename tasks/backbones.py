@@ -1,7 +1,7 @@
 """The run's backbone: name its weights' digest without loading anything, and load it where a stage runs.
 
 The flow and ``harmonize plan`` call ``backbone_spec`` once per run to learn the digest that keys pass1/pass2. It
-builds no network and reads no tensor (``harmonize_core.weights.weights_digest``): a registered source's pinned
+builds no network and reads no tensor (``harmonize_core.network.weights.weights_digest``): a registered source's pinned
 hash, a local file's sha256, the seed string of ``random:<seed>``; an ``s3://`` file's sha256 comes from storage
 (the digest the pipeline wrote beside the object, else the object's bytes hashed), nothing saved to disk. So a
 coordinator that fans items out to a pool, or a plan, never needs the network's memory or a download of the
@@ -17,9 +17,9 @@ from typing import Any
 
 from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import InputError
-from harmonize_core.vgg import Backbone, load_backbone
-from harmonize_core.weights import weights_digest
-from harmonize_core.weights_cache import CONVENTION_MARK, cache_dir
+from harmonize_core.network.vgg import Backbone, load_backbone
+from harmonize_core.network.weights import weights_digest
+from harmonize_core.network.weights_cache import CONVENTION_MARK, cache_dir
 
 from . import storage
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import harmonize_core
 from harmonize_core import images, stages
-from harmonize_core.vgg import load_backbone
+from harmonize_core.network.vgg import load_backbone
 
 CORE_DIR = Path(harmonize_core.__file__).parent
 EXEMPT_MARK = "REPORTING_ONLY"

@@ -112,7 +112,7 @@ def read_verified(ref: dict[str, str]) -> bytes:
 
 def load_inputs(item: dict[str, Any], device: str) -> tuple[core.ItemInputs, Any]:
     """Return (the item's inputs at working size on ``device``, its ``HarmonizeConfig``)."""
-    from harmonize_core.vgg import resolve_device
+    from harmonize_core.network.vgg import resolve_device
 
     config = config_from_dict(item["config"])
     files = item["files"]
@@ -126,7 +126,7 @@ def load_inputs(item: dict[str, Any], device: str) -> tuple[core.ItemInputs, Any
 
 def load_stage_image(record: dict[str, Any], device: str) -> torch.Tensor:
     """Return an upstream stage's PNG as ``(1, C, H, W)`` float in [0, 1] on ``device`` (exact 8-bit levels)."""
-    from harmonize_core.vgg import resolve_device
+    from harmonize_core.network.vgg import resolve_device
 
     return decode_png_exact(read_verified(record), record["uri"]).to(resolve_device(device))
 

@@ -20,8 +20,8 @@ from harmonize_core.config import (
     stage_section,
 )
 from harmonize_core.errors import StageTimeoutError
+from harmonize_core.network.vgg import load_backbone
 from harmonize_core.objective import LbfgsSettings, Problem, Term, optimise
-from harmonize_core.vgg import load_backbone
 from manifests import RunSettings
 from manifests.schema import resolve_config
 from tasks import caching
@@ -69,7 +69,7 @@ def test_overrides_name_real_fields_and_presets_apply(monkeypatch, tmp_path):
 
 
 def test_the_paper_preset_takes_a_configured_caffe_vgg19_and_weights_pick_their_network(monkeypatch, tmp_path):
-    from harmonize_core.weights import CAFFE_VGG19_FILE, describe_network
+    from harmonize_core.network.weights import CAFFE_VGG19_FILE, describe_network
 
     monkeypatch.delenv("HARMONIZE_CAFFE_VGG19", raising=False)
     monkeypatch.setenv("HARMONIZE_CACHE_DIR", str(tmp_path))

@@ -181,8 +181,8 @@ def test_the_checker_reads_every_package(project):
     assert {name.split(".")[0] for name in modules} == set(PACKAGES)
     assert len(modules) >= 60 and len(imports) > 200
     graph = import_graph(*project)
-    assert "harmonize_core.architecture" in graph["harmonize_core.weights"]
-    assert "harmonize_core.weights" in graph["harmonize_core.vgg"]
+    assert "harmonize_core.network.architecture" in graph["harmonize_core.network.weights"]
+    assert "harmonize_core.network.weights" in graph["harmonize_core.network.vgg"]
 
 
 def test_no_import_cycles(project):
@@ -198,7 +198,7 @@ def test_the_core_imports_at_module_level_unless_it_says_why(project):
     assert unmarked_function_imports(imports) == []
     lazy = sorted(f"{item.module}:{item.targets[0]}" for item in imports
                   if item.module.startswith(CORE) and item.in_function)
-    assert lazy == ["harmonize_core.weights:onnx", "harmonize_core.weights:onnx"]  # the one-off ONNX conversion
+    assert lazy == ["harmonize_core.network.weights:onnx", "harmonize_core.network.weights:onnx"]  # the one-off ONNX conversion
 
 
 def _write(root: Path, files: dict[str, str]) -> None:
@@ -233,10 +233,10 @@ def test_the_checker_finds_cycles_upward_and_unmarked_imports(tmp_path):
 @pytest.mark.parametrize(("module", "names"), [
     ("harmonize_core", ("harmonize", "load_item", "preset", "save_outputs", "Iterate", "StageOutput", "__version__")),
     ("harmonize_core.stages", ("Iterate", "ProgressFn", "STAGES", "harmonize", "prepare_inputs")),
-    ("harmonize_core.vgg", ("TAPS", "CAFFE", "TORCHVISION", "PREPROCESSINGS", "LAYER_NAMES", "VGG_CFGS", "ARCHS",
+    ("harmonize_core.network.vgg", ("TAPS", "CAFFE", "TORCHVISION", "PREPROCESSINGS", "LAYER_NAMES", "VGG_CFGS", "ARCHS",
                             "Preprocessing", "build_features", "layer_plan", "check_tap", "conv_shapes",
                             "load_backbone", "resolve_device", "Backbone", "VGGFeatures")),
-    ("harmonize_core.weights", ("load_state_dict", "weights_digest", "cache_dir", "default_caffe_vgg19",
+    ("harmonize_core.network.weights", ("load_state_dict", "weights_digest", "cache_dir", "default_caffe_vgg19",
                                 "CACHE_DIR_ENV", "CAFFE_VGG19_ENV", "LAYER_NAMES", "describe_network")),
     ("flows.deploy", ("AUTOMATION_NAME", "SHARD_TAG", "COORDINATOR_QUEUE", "SHARD_QUEUE", "ZOMBIE_SECONDS",
                       "ensure_zombie_automation", "zombie_automation_problem", "deployment", "shard_deployment")),

@@ -17,8 +17,8 @@ from harmonize_core.losses import (
     style_loss_and_gradient,
     total_variation,
 )
+from harmonize_core.network.vgg import load_backbone
 from harmonize_core.objective import GRADIENT_EPS, LbfgsSettings, Problem, SparseGradient, Term, evaluate, optimise
-from harmonize_core.vgg import load_backbone
 from tasks.stages import is_transient
 
 

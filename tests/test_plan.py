@@ -14,9 +14,9 @@ from flows.cli import main
 from flows.harmonize import harmonize_manifest, input_index
 from flows.plan import CACHED, NEW, STALE, plan_run, why_stale
 from flows.summary import STATUS_NAME, read_summary, rerun_ids
-from harmonize_core import vgg
-from harmonize_core import weights as weights_module
 from harmonize_core.config import preset
+from harmonize_core.network import vgg
+from harmonize_core.network import weights as weights_module
 from harmonize_core.stages import STAGES
 from manifests import RunSettings, validate_manifest
 from tasks import backbones, caching, code_digest

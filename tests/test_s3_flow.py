@@ -77,7 +77,7 @@ def test_s3_weights_are_downloaded_once_and_keyed_by_content(s3, tmp_path, monke
     import torch
 
     from harmonize_core.config import preset
-    from harmonize_core.weights import CACHE_DIR_ENV, file_sha256, random_state_dict
+    from harmonize_core.network.weights import CACHE_DIR_ENV, file_sha256, random_state_dict
     from tasks.backbones import backbone_spec, load_for_task
 
     local = tmp_path / "vgg16.pth"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from harmonize_core.config import HarmonizeConfig, apply_overrides, preset, stage_section, use_bf16
+from harmonize_core.network.vgg import load_backbone
 from harmonize_core.objective import LbfgsSettings, Problem, Snapshots, Term, optimise
 from harmonize_core.pass1 import run_pass1
 from harmonize_core.pass2 import run_pass2
-from harmonize_core.vgg import load_backbone
 
 H, W = 40, 48
 

@@ -9,7 +9,7 @@ import torch
 import torchvision.models.vgg as tv_vgg
 
 from harmonize_core.errors import InputError
-from harmonize_core.vgg import (
+from harmonize_core.network.vgg import (
     CAFFE,
     LAYER_NAMES,
     TAPS,
@@ -22,7 +22,7 @@ from harmonize_core.vgg import (
     load_backbone,
     resolve_device,
 )
-from harmonize_core.weights import random_state_dict
+from harmonize_core.network.weights import random_state_dict
 
 FIRST_TAPS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 # docs/algorithm.md section 1: loadcaffe's ceil-mode maps for a 557x700 input, and torchvision's floor-mode ones

@@ -16,10 +16,10 @@ import torch
 from torch.hub import HASH_REGEX
 from torchvision.models import VGG16_Weights, VGG19_Weights
 
-from harmonize_core import weights
 from harmonize_core.errors import InputError, WeightsUnavailableError
-from harmonize_core.vgg import ARCHS, CAFFE, PREPROCESSINGS, TORCHVISION, VGGFeatures, conv_shapes, load_backbone
-from harmonize_core.weights import (
+from harmonize_core.network import weights
+from harmonize_core.network.vgg import ARCHS, CAFFE, PREPROCESSINGS, TORCHVISION, VGGFeatures, conv_shapes, load_backbone
+from harmonize_core.network.weights import (
     OFFLINE_VGG16,
     REGISTRY,
     LoadedWeights,

@@ -217,7 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"demo settings: preset {args.preset}, {settings}, backbone {args.backbone}, weights {args.weights}")
     preflight(str(manifest), args)
     code = run_flow(str(manifest), str(out / "results"), args)
-    from .report import latest_run, page_uri
+    from .report.build import latest_run, page_uri
     from .summary import SUMMARY_NAME
 
     run_id = latest_run(str(out / "results"))
@@ -303,7 +303,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``harmonize report --out URI [--run ID]``: rebuild a run's report from storage; print its location."""
     from harmonize_core.errors import InputError
 
-    from .report import build_report, latest_run
+    from .report.build import build_report, latest_run
     from .summary import describe_end, rebuild_summary
 
     run_id = args.run or latest_run(args.out)

@@ -109,7 +109,7 @@ def finish_run(out: str, run_id: str, progress: RunProgress, ids: set[str] | Non
     """
     from prefect.artifacts import create_markdown_artifact
 
-    from .report import build_report, report_markdown
+    from .report.build import build_report, report_markdown
 
     logger = get_run_logger()
     record_end(out, run_id, STOPPED if stopped else FINISHED, stopped)

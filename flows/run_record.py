@@ -8,7 +8,7 @@ tell the truth: ``run_state`` reads both records (and, on the same host, whether
 ``unfinished_rows`` gives a row with status ``unfinished`` and a one-line reason for every planned output that has
 no result. Runs written before these records existed have neither file and are reported as before.
 
-Kept free of torch and Prefect imports: the report (``flows.report*``) reads it.
+Kept free of torch and Prefect imports: the report (``flows.report``) reads it.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A text cell or column name a spreadsheet would take for a formula (OWASP CSV injection: a leading ``=``, ``+``,
 ``-``, ``@``, tab, carriage return; NUL from OWASP ASVS) is written with a leading single quote; numbers stay
-numbers; every reader of these files (flows.summary.read_summary, rerun_ids/rerun_selection, the report's
-read_rows, the status merge, ``harmonize report``'s rebuild) gives back the exact values, cells of any size included.
+numbers; every reader of these files (flows.summary.read_summary, which the report and the status merge use too,
+rerun_ids/rerun_selection, ``harmonize report``'s rebuild) gives back the exact values, cells of any size included.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import io
 import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS
 
-from flows import csvsafe, report_cards
+from flows import csvsafe
 from flows.cli import main
 from flows.summary import (
     COLUMNS,
@@ -83,7 +83,7 @@ def test_summary_csv_is_safe_and_every_reader_gets_the_values_back(tmp_path):
     assert [numbers[header.index(c)] for c in ("total_s", "pass1_loss", "pass2_loss", "tau", "notes")] == [
         "-1.5", "0.001", "2.5e-07", "5.0", "-1.5"]  # written as numbers, no quote
 
-    for rows in (read_summary(uri), report_cards.read_rows(uri)):
+    for rows in (read_summary(uri),):  # the one reader: the summary, the status merge and the report use it
         assert list(rows[0])[len(COLUMNS):] == ["notes", "=cmd|'/c calc'!A1", "@header"]
         for row, value in zip(rows, HOSTILE, strict=False):
             assert (row["error"], row["warnings"], row["notes"], row["=cmd|'/c calc'!A1"]) == (value,) * 4

@@ -114,8 +114,8 @@ def test_ids_that_collide_with_the_layout_or_another_items_records_are_refused(t
 
 
 def test_reserved_names_follow_the_layouts_own_constants():
-    from flows.report_page import REPORT_NAME, page_name
-    from flows.report_thumbs import THUMBS_DIR
+    from flows.report.page import REPORT_NAME, page_name
+    from flows.report.thumbs import THUMBS_DIR
     from flows.summary import STATUS_NAME, SUMMARY_NAME
 
     for name in (storage.RUNS_DIR, storage.CACHE_DIR, storage.ROWS_DIR, STATUS_NAME, SUMMARY_NAME, REPORT_NAME,

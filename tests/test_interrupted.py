@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
-from flows import report, run_record
+from flows import run_record
 from flows.cli import main
+from flows.report import build as report_build
 from flows.summary import (
     STATUS_COLUMNS,
     STATUS_NAME,
@@ -125,7 +126,7 @@ def test_a_run_stopped_by_an_exception_records_its_end_and_the_unfinished_items(
     state = harmonize.harmonize_manifest(manifest=str(manifest), out=out, backbone=TEST_BACKBONE, weights=TEST_WEIGHTS,
                                          device="cpu", return_state=True)
     assert state.is_failed()
-    run_id = report.latest_run(out)
+    run_id = report_build.latest_run(out)
     ended = json.loads(storage.read_bytes(storage.run_uri(out, run_id, run_record.ENDED_NAME)))
     assert (ended["outcome"], ended["reason"]) == ("stopped", "RuntimeError: device lost")
     rows = {r["id"]: r for r in read_summary(storage.run_uri(out, run_id, SUMMARY_NAME))}
@@ -173,12 +174,12 @@ def test_thousands_of_invalid_rows_make_a_bounded_report(tmp_path):
     rows.append({"id": "ok", "row": 9999, "status": "completed"})
     write_summary(storage.run_uri(out, "many", SUMMARY_NAME), rows)
     started = time.perf_counter()
-    first = report.build_report(out, "many")
+    first = report_build.build_report(out, "many")
     seconds = time.perf_counter() - started
     pages = glob.glob(str(Path(first).parent / "report*.html"))
     assert len(pages) == 1 and seconds < 30
     page = Path(first).read_text()
-    assert page.count('<article class="card s-invalid') == report.INVALID_CARDS
+    assert page.count('<article class="card s-invalid') == report_build.INVALID_CARDS
     assert '<li class="s-invalid"><b>3020</b> invalid</li>' in page  # the counts cover every row
     assert "2,920 more invalid rows are not shown as cards (the first 100 are)" in page
     assert '<td class="n">2,900</td><td>102, 103, 104, 105, 106&hellip;</td><td class="e">id: missing; content: missing' in page
@@ -216,7 +217,7 @@ def test_a_really_killed_run_is_reported_unfinished(prefect_api, tmp_path, capsy
     captured = capsys.readouterr()
     assert "did not finish: 2 of 3 planned output(s) never finished" in captured.err
     assert "the run was stopped (killed, or its machine lost)" in captured.err
-    run_id = report.latest_run(str(out))
+    run_id = report_build.latest_run(str(out))
     rows = {r["id"]: r["status"] for r in read_summary(storage.run_uri(str(out), run_id, SUMMARY_NAME))}
     assert rows == {"a": "completed", "b": "unfinished", "c": "unfinished"}
     assert {i: r["status"] for i, r in status_of(str(out)).items()} == rows
@@ -230,7 +231,7 @@ def test_ctrl_c_ends_a_command_with_one_line_and_exit_130(tmp_path, monkeypatch,
 
     out = str(tmp_path / "out")
     write_summary(storage.run_uri(out, "r", SUMMARY_NAME), [])
-    monkeypatch.setattr(report, "build_report", interrupted)
+    monkeypatch.setattr(report_build, "build_report", interrupted)
     assert main(["report", "--out", out]) == 130
     assert capsys.readouterr().err == (f"harmonize: interrupted (Ctrl-C); `harmonize report --out {out}` shows what "
                                        "finished and what did not\n")

@@ -16,14 +16,19 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
-from flows import report, report_thumbs
+from flows import summary
+from flows.report import build as report_build
+from flows.report import cards as report_cards
+from flows.report import curves as report_curves
+from flows.report import page as report_page
+from flows.report import thumbs as report_thumbs
 from harmonize_core.errors import InputError
 from tasks import storage
 
 RUN_ID = "run-1"
 PAINTING_SIZE = (600, 400)  # larger than a thumbnail: its thumb must come out 256 x 171
 SMALL = (24, 18)
-MAGENTA = report.OUTLINE_COLOUR
+MAGENTA = report_thumbs.OUTLINE_COLOUR
 EXTRA_NOTE = 'needs <b>frame</b> & "crop"'
 CARD_ORDER = ["gamma", "(no id)", "beta", "alpha", "delta"]  # failed, invalid, warned, completed (by row)
 COLUMNS = ["id", "variant", "row", "status", "error", "warnings", "cached", "worker", "tau", "quality_style",
@@ -100,7 +105,7 @@ def write_summary(out: str, run_id: str, rows: list[dict[str, str]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    uri = storage.run_uri(out, run_id, report.SUMMARY_NAME)
+    uri = storage.run_uri(out, run_id, summary.SUMMARY_NAME)
     storage.write_bytes(uri, buffer.getvalue().encode())
     return uri
 
@@ -195,7 +200,7 @@ def all_pages(first: str) -> list[tuple[str, str, Page]]:
     """Follow the page links from page 1; return (uri, text, parsed) per page in page order."""
     text, page = read_page(first)
     names = sorted({link for link in page.links if link.startswith("report")},
-                   key=lambda n: 1 if n == report.REPORT_NAME else int(n.split("-")[1].split(".")[0]))
+                   key=lambda n: 1 if n == report_page.REPORT_NAME else int(n.split("-")[1].split(".")[0]))
     pages = [(first, text, page)]
     for name in names[1:]:
         uri = storage.join(storage.parent(first), name)
@@ -223,7 +228,7 @@ def local_run(tmp_path) -> tuple[str, list[dict[str, str]]]:
 
 def test_report_page_links_order_filters_variants(local_run):
     out, _ = local_run
-    uri = report.build_report(out, RUN_ID)
+    uri = report_build.build_report(out, RUN_ID)
     assert uri == storage.join(out, "runs", RUN_ID, "report.html")
     text, page = read_page(uri)
     check_links(uri, page, out)
@@ -245,16 +250,16 @@ def test_report_page_links_order_filters_variants(local_run):
 
 def test_missing_images_are_placeholders_and_thumbs_are_small(local_run):
     out, rows = local_run
-    uri = report.build_report(out, RUN_ID)
+    uri = report_build.build_report(out, RUN_ID)
     text, page = read_page(uri)
     gamma = page.cards[0]
     assert len(gamma["imgs"]) == 3  # painting, composite, pass 1; the final was never produced
     assert 'class="missing">not produced' in text and "no loss curve" in text
     assert page.cards[1]["imgs"] == []  # the invalid row has no id and no inputs: nothing to show
-    thumbs = [u for u in storage.list_uris(out) if f"/{report.THUMBS_DIR}/" in u]
+    thumbs = [u for u in storage.list_uris(out) if f"/{report_thumbs.THUMBS_DIR}/" in u]
     assert thumbs and all(u.endswith(".jpg") for u in thumbs)
     for thumb in thumbs:
-        assert max(Image.open(thumb).size) <= report.THUMB_LONG_SIDE
+        assert max(Image.open(thumb).size) <= report_thumbs.THUMB_LONG_SIDE
     painting = next(u for u in thumbs if "/alpha/thumbs/painting-" in u)
     assert Image.open(painting).size == (256, 171)
     assert any("/delta/tau-10/thumbs/final-" in u for u in thumbs)  # variant thumbs beside their images
@@ -266,7 +271,7 @@ def test_missing_images_are_placeholders_and_thumbs_are_small(local_run):
 
 def test_paging_links_every_page(local_run):
     out, _ = local_run
-    first = report.build_report(out, RUN_ID, page_size=2)
+    first = report_build.build_report(out, RUN_ID, page_size=2)
     pages = all_pages(first)
     assert [Path(uri).name for uri, _, _ in pages] == ["report.html", "report-2.html", "report-3.html"]
     titles = []
@@ -278,35 +283,35 @@ def test_paging_links_every_page(local_run):
     assert titles == CARD_ORDER
     assert "next &rarr;" in pages[0][1] and "&larr; previous" not in pages[0][1]
     assert "&larr; previous" in pages[2][1] and "next &rarr;" not in pages[2][1]
-    report.build_report(out, RUN_ID, page_size=200)  # fewer pages now: the old ones go
+    report_build.build_report(out, RUN_ID, page_size=200)  # fewer pages now: the old ones go
     assert not storage.exists(storage.join(storage.parent(first), "report-2.html"))
 
 
 def test_rebuild_is_idempotent_and_reencodes_nothing(local_run, monkeypatch):
     out, rows = local_run
-    first = report.build_report(out, RUN_ID, page_size=2)
+    first = report_build.build_report(out, RUN_ID, page_size=2)
     before = {uri: storage.read_bytes(uri) for uri in storage.list_uris(out)}
     calls = count_encodes(monkeypatch)
-    assert report.build_report(out, RUN_ID, page_size=2) == first
+    assert report_build.build_report(out, RUN_ID, page_size=2) == first
     assert calls[0] == 0
     assert {uri: storage.read_bytes(uri) for uri in storage.list_uris(out)} == before
     storage.write_bytes(rows[0]["final_uri"], png(SMALL, (250, 0, 0)))  # one changed output: one new thumbnail
-    report.build_report(out, RUN_ID, page_size=2)
+    report_build.build_report(out, RUN_ID, page_size=2)
     assert calls[0] == 1
 
 
 def test_latest_run_is_the_last_summary_written(tmp_path):
     out = str(tmp_path / "out")
-    assert report.latest_run(out) is None
+    assert report_build.latest_run(out) is None
     with pytest.raises(InputError, match="no run"):
-        report.build_report(out)
+        report_build.build_report(out)
     older = write_summary(out, "zz-older", [{"id": "a", "row": "2", "status": "failed", "error": "boom"}])
     newer = write_summary(out, "aa-newer", [{"id": "b", "row": "2", "status": "completed"}])
     os.utime(older, (1_000_000, 1_000_000))
-    assert report.latest_run(out) == "aa-newer"
+    assert report_build.latest_run(out) == "aa-newer"
     storage.write_bytes(storage.join(out, "runs", "no-summary", "other.txt"), b"x")  # a folder without a summary
-    assert report.latest_run(out) == "aa-newer"
-    uri = report.build_report(out)
+    assert report_build.latest_run(out) == "aa-newer"
+    uri = report_build.build_report(out)
     assert uri == storage.join(storage.parent(newer), "report.html")
     _, page = read_page(uri)
     check_links(uri, page, out)
@@ -315,8 +320,8 @@ def test_latest_run_is_the_last_summary_written(tmp_path):
 
 def test_old_summaries_with_few_columns_still_render(tmp_path):
     out = str(tmp_path / "out")
-    storage.write_bytes(storage.run_uri(out, "old", report.SUMMARY_NAME), b"id,row,status,error\nx,2,completed,\ny,3,failed,bad\n")
-    uri = report.build_report(out, "old")
+    storage.write_bytes(storage.run_uri(out, "old", summary.SUMMARY_NAME), b"id,row,status,error\nx,2,completed,\ny,3,failed,bad\n")
+    uri = report_build.build_report(out, "old")
     _, page = read_page(uri)
     check_links(uri, page, out)
     assert [card["title"] for card in page.cards] == ["y", "x"]
@@ -325,33 +330,33 @@ def test_old_summaries_with_few_columns_still_render(tmp_path):
 def test_report_markdown_counts_links_and_caps_failures():
     rows = [{"id": f"item-{n:03d}", "row": n + 2, "status": "failed", "error": f"pass2: *bad* [{n}]"} for n in range(60)]
     rows += [{"id": "ok", "row": 99, "status": "completed", "warnings": "mask: small", "total_s": "7200"}]
-    text = report.report_markdown(rows, "s3://results/out/runs/r/report.html", "s3://results/out/runs/r/summary.csv")
+    text = report_build.report_markdown(rows, "s3://results/out/runs/r/report.html", "s3://results/out/runs/r/summary.csv")
     assert "**1 completed, 60 failed, 0 invalid**, 1 with warnings" in text
     assert "[Open the report](s3://results/out/runs/r/report.html)" in text
     assert "- `item-000` (row 2, failed): pass2: \\*bad\\* \\[0\\]" in text
     assert "item-049" in text and "item-050" not in text and "- and 10 more (see the report)" in text
-    local = report.report_markdown([], "/tmp/x/report.html", "/tmp/x/summary.csv")
+    local = report_build.report_markdown([], "/tmp/x/report.html", "/tmp/x/summary.csv")
     assert "(file:///tmp/x/report.html)" in local and "Failed" not in local
 
 
 def test_curve_svg_sums_layers_and_handles_terms_starting_at_zero():
-    svg = report.curve_svg(curves(1), "pass 1")
+    svg = report_curves.curve_svg(curves(1), "pass 1")
     assert svg.startswith("<svg") and svg.count("<polyline") == 4  # content, style (2 layers summed), tv, total
     assert ">style 1.5</text>" in svg and ">content 3</text>" in svg and ">total 7</text>" in svg
-    assert report.curve_svg({}, "pass 2") == "" and report.curve_svg({"curves": {"x": [[0, 0.0]]}}, "p") == ""
+    assert report_curves.curve_svg({}, "pass 2") == "" and report_curves.curve_svg({"curves": {"x": [[0, 0.0]]}}, "p") == ""
     Page(f"<html><body>{svg}</body></html>")  # parses
 
 
 def test_summary_name_matches_the_flow():
     from flows.summary import SUMMARY_NAME
 
-    assert report.SUMMARY_NAME == SUMMARY_NAME
+    assert summary.SUMMARY_NAME == SUMMARY_NAME
 
 
 def test_report_on_s3_links_resolve_as_keys(s3, monkeypatch):
     out, inputs = "s3://results/out", "s3://data/inputs"
     fake_run(out, inputs)
-    first = report.build_report(out, page_size=3)  # the run found by listing
+    first = report_build.build_report(out, page_size=3)  # the run found by listing
     assert first == "s3://results/out/runs/run-1/report.html"
     pages = all_pages(first)
     assert len(pages) == 2
@@ -363,15 +368,15 @@ def test_report_on_s3_links_resolve_as_keys(s3, monkeypatch):
     keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket="data")["Contents"]]
     assert all(key.startswith("inputs/") and "thumbs" not in key for key in keys)  # nothing written beside the inputs
     calls = count_encodes(monkeypatch)
-    assert report.build_report(out, "run-1", page_size=3) == first and calls[0] == 0
+    assert report_build.build_report(out, "run-1", page_size=3) == first and calls[0] == 0
 
 
 def test_long_curves_are_thinned_but_keep_their_last_point():
     long = {"curves": {"total": [[n, 1000.0 / (n + 1)] for n in range(1001)]}}
-    svg = report.curve_svg(long, "pass 2")
+    svg = report_curves.curve_svg(long, "pass 2")
     points = svg.split('points="')[1].split('"')[0].split()
-    assert len(points) <= report.PLOT_MAX_POINTS + 1
-    assert points[-1] == f"{report.PLOT_WIDTH - report.PLOT_PAD},{report.PLOT_HEIGHT - report.PLOT_PAD}"
+    assert len(points) <= report_curves.PLOT_MAX_POINTS + 1
+    assert points[-1] == f"{report_curves.PLOT_WIDTH - report_curves.PLOT_PAD},{report_curves.PLOT_HEIGHT - report_curves.PLOT_PAD}"
     assert ">total 0.999</text>" in svg and ">1000 evaluations</text>" in svg
 
 
@@ -380,7 +385,7 @@ def test_outputs_outside_out_are_thumbnailed_inside_and_never_linked(tmp_path):
     final = stage(elsewhere, "final", (1, 2, 3))
     write_summary(out, RUN_ID, [{"id": "x", "row": "2", "status": "completed", "final_uri": final,
                                  **item_inputs(elsewhere, "x")}])
-    uri = report.build_report(out, RUN_ID)
+    uri = report_build.build_report(out, RUN_ID)
     text, page = read_page(uri)
     check_links(uri, page, out)
     assert len(page.cards[0]["imgs"]) == 3 and "final.png" not in text  # painting, composite, final: thumbs only
@@ -392,7 +397,7 @@ def test_many_rows_with_one_id_get_unique_anchors_in_linear_time():
     rows = [{"id": "x", "row": str(n), "status": "invalid"} for n in range(20_000)]
     rows += [{"id": "x-2", "row": "99999", "status": "completed"}]
     started = time.perf_counter()
-    cards = report.group_cards(rows)
+    cards = report_cards.group_cards(rows)
     seconds = time.perf_counter() - started
     anchors = [card.anchor for card in cards]
     assert seconds < 5, seconds  # 0.2 s measured; the quadratic search it replaced took about 40 s here

@@ -3,7 +3,7 @@
 The strip shows the painting, the composite with the mask outlined, pass 1 and the final image (one per tau variant,
 side by side, captioned with its tau and quality scores, the best of each score in bold); each thumbnail links to
 the full image when it lies under ``<out>``, and every link is relative. The details give per-stage seconds, final
-losses and any extra manifest columns. Rendering a card writes its thumbnails (``flows.report_thumbs``). A text
+losses and any extra manifest columns. Rendering a card writes its thumbnails (``flows.report.thumbs``). A text
 cell longer than ``CELL_CHARS`` is cut there on the card, saying how much more ``summary.csv`` holds.
 """
 
@@ -15,19 +15,11 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from .report_cards import (
-    COMPLETED,
-    CONTRACT_COLUMNS,
-    INVALID,
-    QUALITY_COLUMNS,
-    SHARED_STAGES,
-    SUMMARY_NAME,
-    UNFINISHED,
-    Card,
-    as_float,
-)
-from .report_curves import curve_svg, read_metrics
-from .report_thumbs import input_thumbs, inside, relative_key, stage_thumb
+from ..run_record import UNFINISHED
+from ..summary import COMPLETED, INVALID, QUALITY_COLUMNS, SUMMARY_NAME
+from .cards import CONTRACT_COLUMNS, SHARED_STAGES, Card, as_float
+from .curves import curve_svg, read_metrics
+from .thumbs import input_thumbs, inside, relative_key, stage_thumb
 
 # What each quality score says and which way is better (harmonize_core/quality.py's docstring, in a line each).
 QUALITY_LEGEND = {

@@ -19,11 +19,8 @@ Thumbnails (JPEG, long side ``THUMB_LONG_SIDE``) are written beside the outputs,
 sources (``<folder>/thumbs/<stage>-<sha12>.jpg``), so a rebuild re-encodes nothing that has not changed. Inputs
 that live elsewhere (another bucket, an absolute path) are thumbnailed into ``<out>/<id>/thumbs/``.
 
-This module holds the entry points (``build_report``, ``report_markdown``, ``latest_run``, ``page_uri``) and
-re-exports the names of the modules that do the work, each importing only those above it in this list:
-``flows.report_cards`` (summary rows grouped into cards, in report order), ``flows.report_thumbs`` (thumbnails
-and storage look-ups), ``flows.report_curves`` (the SVG loss curves), ``flows.report_html`` (a card's HTML) and
-``flows.report_page`` (a page around the cards: header, filters, page links, CSS and JS).
+This module holds the entry points (``build_report``, ``report_markdown``, ``latest_run``, ``page_uri``); the
+modules that do the work are listed in ``flows.report``.
 """
 
 from __future__ import annotations
@@ -36,77 +33,12 @@ from pathlib import Path
 from harmonize_core.errors import InputError
 from tasks import storage
 
-from .report_cards import (
-    BROKEN,
-    COMPLETED,
-    CONTRACT_COLUMNS,
-    FAILED,
-    INVALID,
-    NO_ROW,
-    QUALITY_COLUMNS,
-    SHARED_STAGES,
-    STATUS_ORDER,
-    SUMMARY_NAME,
-    TIMED_STAGES,
-    UNFINISHED,
-    UNKNOWN_STATUS_RANK,
-    WARNED,
-    Card,
-    count_cards,
-    group_cards,
-    read_rows,
-    total_seconds,
-)
-from .report_curves import (
-    DASHED_CURVES,
-    PLOT_COLOURS,
-    PLOT_DECADES_DOWN,
-    PLOT_DECADES_UP,
-    PLOT_HEIGHT,
-    PLOT_LEGEND_WIDTH,
-    PLOT_LINE_HEIGHT,
-    PLOT_MAX_POINTS,
-    PLOT_MAX_TICKS,
-    PLOT_MIN_DECADES,
-    PLOT_PAD,
-    PLOT_TICK_ROOM,
-    PLOT_WIDTH,
-    TERM_GROUP,
-    TOTAL_CURVE,
-    curve_svg,
-)
-from .report_html import NUMBER_DIGITS, QUALITY_BEST, QUALITY_LEGEND, duration, render_card
-from .report_page import FILTER_LABELS, REPORT_NAME, REPORT_PAGE, SCRIPT, STYLE, page_name, render_page
-from .report_thumbs import (
-    DIGEST_CHARS,
-    MASK_THRESHOLD,
-    OUTLINE_COLOUR,
-    OUTLINE_EDGE,
-    OUTLINE_EDGE_FILTER,
-    OUTLINE_FILTER,
-    THUMB_JPEG_QUALITY,
-    THUMB_LONG_SIDE,
-    THUMB_VERSION,
-    THUMBS_DIR,
-    modified_at,
-    relative_key,
-    thumbnail,
-)
-from .run_record import STARTED_NAME, run_state
-
-__all__ = [  # what callers import from here: the entry points, then the names the report's modules define
-    "build_report", "report_markdown", "latest_run", "page_name", "page_uri", "read_rows", "group_cards", "count_cards",
-    "Card", "render_card", "render_page", "thumbnail", "curve_svg",
-    "REPORT_NAME", "REPORT_PAGE", "SUMMARY_NAME", "RUN_SUMMARY_DEPTH", "DEFAULT_PAGE_SIZE", "WORKERS", "MARKDOWN_MAX_ITEMS",
-    "COMPLETED", "FAILED", "INVALID", "UNFINISHED", "WARNED", "BROKEN", "STATUS_ORDER", "INVALID_CARDS", "PROBLEM_LINES",
-    "NO_ROW", "UNKNOWN_STATUS_RANK", "TIMED_STAGES",
-    "SHARED_STAGES", "QUALITY_COLUMNS", "CONTRACT_COLUMNS", "QUALITY_LEGEND", "QUALITY_BEST", "NUMBER_DIGITS",
-    "THUMBS_DIR", "THUMB_LONG_SIDE", "THUMB_JPEG_QUALITY", "THUMB_VERSION", "DIGEST_CHARS", "MASK_THRESHOLD",
-    "OUTLINE_COLOUR", "OUTLINE_EDGE", "OUTLINE_FILTER", "OUTLINE_EDGE_FILTER",
-    "PLOT_WIDTH", "PLOT_HEIGHT", "PLOT_LEGEND_WIDTH", "PLOT_PAD", "PLOT_LINE_HEIGHT", "PLOT_MIN_DECADES",
-    "PLOT_DECADES_DOWN", "PLOT_DECADES_UP", "PLOT_TICK_ROOM", "PLOT_MAX_POINTS", "PLOT_MAX_TICKS", "TERM_GROUP",
-    "PLOT_COLOURS", "TOTAL_CURVE", "DASHED_CURVES", "STYLE", "SCRIPT", "FILTER_LABELS",
-]
+from ..run_record import STARTED_NAME, UNFINISHED, run_state
+from ..summary import COMPLETED, FAILED, INVALID, SUMMARY_NAME, read_summary
+from .cards import WARNED, Card, count_cards, group_cards, total_seconds
+from .html import duration, render_card
+from .page import REPORT_PAGE, page_name, render_page
+from .thumbs import modified_at, relative_key
 
 RUN_SUMMARY_DEPTH = 2  # runs/<run_id>/summary.csv: two parts below runs/
 DEFAULT_PAGE_SIZE = 200
@@ -129,7 +61,7 @@ def build_report(out: str, run_id: str | None = None, *, page_size: int = DEFAUL
     if not run_id:
         raise InputError(f"{out}: no run with a {SUMMARY_NAME} under {storage.RUNS_DIR}/ (run `harmonize run` first)")
     summary_uri = storage.run_uri(out, run_id, SUMMARY_NAME)
-    rows = read_rows(summary_uri)
+    rows = read_summary(summary_uri)
     folder = storage.parent(summary_uri)
     cards = group_cards(rows)
     totals = count_cards(cards)

@@ -13,20 +13,10 @@ import html
 import re
 from typing import Any
 
-from .report_cards import (
-    BROKEN,
-    COMPLETED,
-    FAILED,
-    INVALID,
-    QUALITY_COLUMNS,
-    STATUS_ORDER,
-    SUMMARY_NAME,
-    UNFINISHED,
-    WARNED,
-    Card,
-    count_cards,
-)
-from .report_html import QUALITY_LEGEND, clip, duration
+from ..run_record import UNFINISHED
+from ..summary import COMPLETED, FAILED, INVALID, QUALITY_COLUMNS, SUMMARY_NAME
+from .cards import BROKEN, STATUS_ORDER, WARNED, Card, count_cards
+from .html import QUALITY_LEGEND, clip, duration
 
 REPORT_NAME = "report.html"  # page 1; page n > 1 is report-<n>.html
 REPORT_PAGE = re.compile(r"report-(\d+)\.html")

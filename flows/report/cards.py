@@ -3,7 +3,8 @@
 One card per item id (its tau variants together, sorted by tau; each invalid row a card of its own). Cards come
 failed first, then unfinished (a run that stopped before them), then invalid, then warned, then completed, each by
 manifest row, and each gets a unique HTML anchor.
-Also the summary's file name and the columns the report knows (every other column is an extra manifest column).
+Also the columns the report knows (every other column is an extra manifest column); the statuses and file names
+are ``flows.summary``'s.
 """
 
 from __future__ import annotations
@@ -13,20 +14,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks import storage
+from ..run_record import UNFINISHED
+from ..summary import COMPLETED, FAILED, INVALID, QUALITY_COLUMNS
 
-from .csvsafe import read_csv
-from .run_record import UNFINISHED
-
-SUMMARY_NAME = "summary.csv"  # the name flows.summary writes (kept here so the report never imports torch-heavy code)
-COMPLETED, FAILED, INVALID, WARNED = "completed", "failed", "invalid", "warned"
+WARNED = "warned"  # a card's status when a completed row carries warnings (summary.csv has no such status)
 STATUS_ORDER = (FAILED, UNFINISHED, INVALID, WARNED, COMPLETED)  # the card order and the filters
 BROKEN = (FAILED, UNFINISHED, INVALID)  # a card with any row in one of these takes the first of them
 NO_ROW = 10**9  # sorts rows without a manifest row number last
 UNKNOWN_STATUS_RANK = 1.5  # a status this report does not know sorts after failed, before warned
 TIMED_STAGES = ("dilate", "pass1", "blend", "pass2", "reconstruct")
 SHARED_STAGES = ("dilate", "pass1", "blend")  # tau variants of one id share these
-QUALITY_COLUMNS = ("quality_style", "quality_structure", "quality_seam")
 CONTRACT_COLUMNS = frozenset((
     "id", "variant", "row", "status", "error", "warnings", "cached", "worker", "tau", *QUALITY_COLUMNS,
     *(f"{stage}_s" for stage in TIMED_STAGES), "total_s", "pass1_loss", "pass2_loss", "final_uri",
@@ -46,12 +43,6 @@ class Card:
     rank: float = 0.0
     row_number: int = 0
     markup: str = field(default="", repr=False)  # the rendered <article>
-
-
-def read_rows(summary_uri: str) -> list[dict[str, str]]:
-    """Return the summary's rows as dicts of strings as they were written (``flows.csvsafe.read_csv``: missing
-    cells "", cells beyond the header dropped, cells of any length)."""
-    return read_csv(storage.read_bytes(summary_uri))
 
 
 def group_cards(rows: list[dict[str, str]]) -> list[Card]:

@@ -17,7 +17,7 @@ from typing import Any
 from harmonize_core.errors import InputError
 from tasks import storage
 
-from .report_cards import as_float
+from .cards import as_float
 
 # Curve plots: an inline SVG per pass, each term relative to its first value on a log scale.
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_LEGEND_WIDTH = 160, 86, 112

@@ -10,7 +10,7 @@ Pure functions on tensors: no orchestration, no storage. Three lines harmonize o
 from .config import HarmonizeConfig, apply_overrides, preset
 from .errors import HarmonizeError, InputError, WeightsUnavailableError
 from .io import load_item, save_outputs
-from .progress import Iterate
+from .optimisation.progress import Iterate
 from .stages import STAGES, StageOutput, harmonize
 from .version import __version__
 

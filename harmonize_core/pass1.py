@@ -26,8 +26,9 @@ from .losses import (
 from .masks import propagate_mask
 from .matching import gather_targets, patch_cosine_match
 from .network.architecture import layer_plan
-from .objective import LbfgsSettings, Problem, Snapshots, Term, optimise
-from .progress import Iterate
+from .optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
+from .optimisation.objective import Problem, Term
+from .optimisation.progress import Iterate
 from .timing import phase
 
 FREE_MEMORY_SHARE = 0.5  # on CUDA a match chunk never takes more than half of the memory free at the time
@@ -125,7 +126,7 @@ def run_pass1(
     ``content`` is the naive composite, ``style`` the painting (same size), ``loose`` the dilated mask, all in
     [0, 1] at working size. The image is optimised in the backbone's preprocessed space (Caffe units for Caffe
     weights), as the authors do, so the absolute weights 5 / 100 / 1e-3 keep their meaning. ``snapshots`` (optional)
-    receives intermediate preprocessed images (``objective.Snapshots``).
+    receives intermediate preprocessed images (``lbfgs.Snapshots``).
     """
     cfg = config.pass1
     torch.manual_seed(config.seed)

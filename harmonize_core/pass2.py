@@ -33,9 +33,10 @@ from .losses import (
 from .mapping import refine_mapping, upsample_used_mask, used_style_mask
 from .masks import nearest_resize
 from .matching import normalized_sum_match
-from .objective import LbfgsSettings, Problem, Snapshots, SparseGradient, Term, optimise
+from .optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
+from .optimisation.objective import Problem, SparseGradient, Term
+from .optimisation.progress import Iterate
 from .pass1 import layer_masks, match_budget
-from .progress import Iterate
 from .timing import phase
 
 HIST_MASK_THRESHOLD = 0.1  # neural_paint.lua L258-261: maskI = loose mask at the layer > 0.1
@@ -161,7 +162,7 @@ def run_pass2(
     blended pass-1 image (only used for the relu4_1 mapping), masks (1, 1, H, W); all at working size.
     ``mtv`` is the painting's noise estimate at 700 px (neural_paint.lua measures it on the 700 px painting);
     when omitted it is measured on ``style`` resized to 700 px. ``snapshots`` (optional) receives intermediate
-    preprocessed images (``objective.Snapshots``).
+    preprocessed images (``lbfgs.Snapshots``).
     """
     cfg = config.pass2
     torch.manual_seed(config.seed)

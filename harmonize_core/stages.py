@@ -19,11 +19,11 @@ from .images import quantize, resize, to_working_size, working_shape
 from .losses import noise_estimate
 from .masks import dilate_mask, feather_mask
 from .network.vgg import load_backbone
+from .optimisation.progress import Iterate as Iterate  # re-exported: harmonize_core.stages.Iterate
+from .optimisation.progress import ProgressFn, stage_record
 from .pass1 import run_pass1
 from .pass2 import run_pass2
 from .postprocess import reconstruct as run_reconstruct
-from .progress import Iterate as Iterate  # re-exported: harmonize_core.stages.Iterate
-from .progress import ProgressFn, stage_record
 from .quality import quality_scores
 from .tau import estimate_tau
 

@@ -25,8 +25,8 @@ from bench.sections.fastpaths.history import lbfgs_state_peak
 from bench.sections.stages import PASS_PHASES
 from harmonize_core import stages, timing
 from harmonize_core.config import preset
-from harmonize_core.objective import Problem, Term
 from harmonize_core.network.vgg import load_backbone
+from harmonize_core.optimisation.objective import Problem, Term
 
 STAGE_SIZE, RATIO_SIZE, ITERATIONS = 48, 64, 2
 SMOKE_ARGS = ["--sizes", str(STAGE_SIZE), "--iterations", str(ITERATIONS), "--ratio-size", str(RATIO_SIZE),

@@ -187,9 +187,9 @@ CORE_EDITS = [
     ("quality", "quality_scores", {"reconstruct"}),  # the scores are computed in the reconstruct stage
     ("stages", "pass2", {"pass2"}),  # another stage's function in the same module changes nothing else
     ("stages", "harmonize", set()),  # the in-memory driver: the tasks call the stages one by one
-    ("progress", "Iterate", set()),  # progress events
-    ("progress", "stage_record", set()),  # the metrics record
-    ("objective", "ProgressLog", set()),  # loss curves for the report
+    ("optimisation.progress", "Iterate", set()),  # progress events
+    ("optimisation.progress", "stage_record", set()),  # the metrics record
+    ("optimisation.lbfgs", "ProgressLog", set()),  # loss curves for the report
     ("network.weights", "describe_network", set()),
     ("config", "HarmonizeConfig", set()),  # settings count through their values in the key, not the class
     ("cli", "run_one", set()),

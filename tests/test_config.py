@@ -21,7 +21,8 @@ from harmonize_core.config import (
 )
 from harmonize_core.errors import StageTimeoutError
 from harmonize_core.network.vgg import load_backbone
-from harmonize_core.objective import LbfgsSettings, Problem, Term, optimise
+from harmonize_core.optimisation.lbfgs import LbfgsSettings, optimise
+from harmonize_core.optimisation.objective import Problem, Term
 from manifests import RunSettings
 from manifests.schema import resolve_config
 from tasks import caching

@@ -20,7 +20,7 @@ from harmonize_core.histogram import (
     stable_sort_rows,
 )
 from harmonize_core.losses import histogram_loss
-from harmonize_core.window import Window
+from harmonize_core.optimisation.window import Window
 
 BINS = 256
 EDGE_GUARD = 1e-9  # in bins; float64 rounding of vmin + b * step is ~1e-13 bins

@@ -18,7 +18,8 @@ from harmonize_core.losses import (
     total_variation,
 )
 from harmonize_core.network.vgg import load_backbone
-from harmonize_core.objective import GRADIENT_EPS, LbfgsSettings, Problem, SparseGradient, Term, evaluate, optimise
+from harmonize_core.optimisation.lbfgs import LbfgsSettings, optimise
+from harmonize_core.optimisation.objective import GRADIENT_EPS, Problem, SparseGradient, Term, evaluate
 from tasks.stages import is_transient
 
 

@@ -7,7 +7,8 @@ import torch
 
 from harmonize_core.config import HarmonizeConfig, apply_overrides, preset, stage_section, use_bf16
 from harmonize_core.network.vgg import load_backbone
-from harmonize_core.objective import LbfgsSettings, Problem, Snapshots, Term, optimise
+from harmonize_core.optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
+from harmonize_core.optimisation.objective import Problem, Term
 from harmonize_core.pass1 import run_pass1
 from harmonize_core.pass2 import run_pass2
 

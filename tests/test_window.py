@@ -2,7 +2,7 @@
 
 import torch
 
-from harmonize_core.window import Window
+from harmonize_core.optimisation.window import Window
 
 
 def test_window_is_the_bounding_box_of_the_nonzero_positions():

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from harmonize_core.network.vgg import check_tap
-from harmonize_core.objective import evaluate
+from harmonize_core.optimisation.objective import evaluate
 
 from ... import best_of, timed
 from ...common import Options, Row, pass1_setup

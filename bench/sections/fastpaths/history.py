@@ -20,7 +20,7 @@ SMALL_HISTORY = 10  # the L-BFGS history compared with the default 100
 
 def lbfgs_state_peak(shape: tuple[int, ...], history: int, iterations: int, device: torch.device,
                      learning_rate: float) -> tuple[int, int, int]:
-    """Run torch LBFGS (as ``objective.optimise`` builds it, no line search) on a cheap ill-conditioned quadratic
+    """Run torch LBFGS (as ``lbfgs.optimise`` builds it, no line search) on a cheap ill-conditioned quadratic
     over a tensor of ``shape`` for ``iterations`` steps; return (peak extra bytes during the steps, bytes of the
     kept curvature pairs, pairs kept). The network's memory does not depend on the history, so this isolates
     the knob. On the CPU, run it in a fresh process (``isolated``) so that freed heap pages do not hide growth."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from harmonize_core.objective import evaluate
+from harmonize_core.optimisation.objective import evaluate
 
 from ... import timed, with_memory_format
 from ...common import Options, Row, pass1_setup

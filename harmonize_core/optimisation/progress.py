@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import HarmonizeConfig, stage_section
-from .version import __version__
+from ..config import HarmonizeConfig, stage_section
+from ..version import __version__
 
 REPORTING_ONLY = True  # tasks.code_digest: this module decides no pixel; it is left out of every stage's code digest
 

@@ -1,10 +1,14 @@
 """Fewer evaluations for the same result: snapshots of a long run, early stopping, the fast preset, bf16 (issue 10)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
+from bench.studies.iterations.scoring import compare, noise_band
+from bench.studies.iterations.stopping import stop_step
+from bench.studies.iterations.tables import cheapest_match
 from harmonize_core.config import HarmonizeConfig, apply_overrides, preset, stage_section, use_bf16
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
@@ -125,3 +129,31 @@ def test_the_network_runs_in_fp32_by_default_on_every_device():
     for name in ("paper", "fast", "quick"):
         assert preset(name).backbone.precision == "fp32"
         assert not use_bf16(preset(name), "cuda") and not use_bf16(preset(name), "cpu")
+
+
+# ----------------------------------------------------------------- the iteration study's rules (bench/studies/iterations)
+def test_the_study_replays_early_stopping_on_the_snapshot_changes():
+    changes = {0: 9.0, 50: 5.0, 100: 0.5, 150: 0.4, 200: 0.3}  # mean 8-bit levels moved since the previous check
+    assert stop_step(changes, levels=1.0, patience=2, iterations=1000) == 150
+    assert stop_step(changes, levels=1.0, patience=1, iterations=1000) == 100
+    assert stop_step(changes, levels=1.0, patience=2, iterations=150) is None  # the run ends first
+    assert stop_step(changes, levels=0.1, patience=1, iterations=1000) is None
+
+
+def _row(run: str, a: int, b: int, case: int, style: float) -> dict:
+    return {"run": run, "pass1": a, "pass2": b, "case": case, "style": style, "structure": 0.5, "seam": 1.0}
+
+
+def test_a_schedule_matches_the_reference_within_the_noise_band_with_one_case_outside_at_most():
+    rows = [_row("grid", 1000, 1000, 0, 1.0), _row("grid", 1000, 1000, 1, 1.0),
+            _row("jitter", 1000, 1000, 0, math.exp(0.01)), _row("jitter", 1000, 1000, 1, math.exp(-0.01)),
+            _row("grid", 100, 100, 0, math.exp(0.015)), _row("grid", 100, 100, 1, math.exp(0.03)),
+            _row("grid", 50, 50, 0, 1.0), _row("grid", 50, 50, 1, math.exp(0.05))]
+    band = noise_band(rows)
+    assert band["style"]["rms"] == pytest.approx(0.01) and band["style"]["band"] == pytest.approx(0.02)
+    assert band["style"]["cases"] == 2 and band["style"]["samples"] == 2 and band["seam"]["band"] == 0.0
+    table = {(e["pass1"], e["pass2"]): e for e in compare(rows, band)}
+    assert (table[(100, 100)]["style_outside"], table[(100, 100)]["style_worst"]) == (1, 1.5)
+    assert table[(100, 100)]["matches"] and table[(1000, 1000)]["matches"]
+    assert table[(50, 50)]["style_worst"] == 2.5 and not table[(50, 50)]["matches"]  # beyond twice the band
+    assert (cheapest_match(list(table.values()))["pass1"], cheapest_match(list(table.values()))["pass2"]) == (100, 100)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .fleet_settings import DEFAULT_POOL, NIGHTLY, ZOMBIE_SECONDS  # plain constants: `validate` stays free of Prefect
+from .fleet.settings import DEFAULT_POOL, NIGHTLY, ZOMBIE_SECONDS  # plain constants: `validate` stays free of Prefect
 
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: no telemetry attempts
@@ -176,7 +176,7 @@ def warn_local_paths(pool: str, manifest: str | None, out: str | None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``harmonize run MANIFEST --out URI``: run the flow; exit 0, or 1 when any item failed or was invalid."""
     if args.pool:
-        from .deploy import require_api
+        from .fleet.deploy import require_api
 
         require_api()  # the pool's workers take shards from a Prefect server, not from this process
     preflight(args.manifest, args)
@@ -232,7 +232,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``harmonize serve MANIFEST --out URI --cron CRON``: serve the flow on a schedule (needs a Prefect server)."""
-    from .deploy import require_api
+    from .fleet.deploy import require_api
 
     require_api()
     preflight(args.manifest, args)
@@ -247,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """``harmonize deploy --pool POOL [MANIFEST --out URI --cron CRON]``: create or update the fleet's deployments."""
-    from .deploy import deploy
+    from .fleet.deploy import deploy
 
     if args.manifest:
         if not args.out:
@@ -267,7 +267,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """``harmonize worker --pool POOL [--gpus 0,1 | --cpu N]``: one Prefect worker per GPU of this machine, pinned to
     it (or N CPU workers); exit 2 with one line when it would start no shard worker."""
-    from .workers import supervise, worker_gpus
+    from .fleet.workers import supervise, worker_gpus
 
     gpus = worker_gpus(args.gpus, args.cpu, args.coordinator_only)
     return supervise(args.pool, gpus, coordinator=args.coordinator or args.coordinator_only, cpu=args.cpu or 0)

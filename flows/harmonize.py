@@ -2,7 +2,7 @@
 
 Shape (the paper's pipeline figure, per item): dilate -> pass1 -> blend -> pass2 -> reconstruct (``flows.item``).
 Without a pool the items run on this process's thread pool (``flows.shard.run_items_here``); with ``pool`` they are
-split into shards that GPU workers run as ``harmonize-shard`` deployment runs (``flows.fanout``). Either way every
+split into shards that GPU workers run as ``harmonize-shard`` deployment runs (``flows.fleet.fanout``). Either way every
 finished row lands in ``<out>/runs/<run_id>/items/`` at once, the progress artifact follows, and ``summary.csv``
 is kept current. A failed item never stops the others: the flow waits for every item, writes the summary, the table
 artifact, ``<out>/status.csv`` and the run report, and only then raises ``ItemsFailed`` so that the run's final
@@ -32,7 +32,7 @@ from tasks.backbones import backbone_spec
 from tasks.caching import prepare_result_storage
 from tasks.stages import PROGRESS
 
-from .fanout import FanOut
+from .fleet.fanout import FanOut
 from .item import variant_items
 from .paths import refuse_relative_when_deployed
 from .plan import plan_run

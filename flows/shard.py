@@ -3,7 +3,7 @@
 ``run_items_here`` submits one ``harmonize_item`` task per item on the flow's thread pool (the network stages take
 turns on the device, ``tasks.gpu``) and hands every finished row to ``on_rows`` as it arrives. ``harmonize run``
 without a pool calls it from the manifest flow; with a pool, each shard of items is a run of the
-``harmonize-shard`` deployment on a GPU worker (``flows.fanout``), which calls it too.
+``harmonize-shard`` deployment on a GPU worker (``flows.fleet.fanout``), which calls it too.
 
 Before computing anything, a shard checks that this worker writes where the run reads (``flows.paths``): an ``out``
 that is relative (it would name a folder in the worker's temporary working folder) or in which the run's marker is

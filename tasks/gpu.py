@@ -2,7 +2,7 @@
 
 - ``exclusive_device(device)``: items run as threads inside one process (a shard, or a local run); the network
   stages (pass1, pass2, reconstruct) of different items take turns on a device, so a GPU never holds two passes'
-  activations at once. Workers are pinned one per GPU (``CUDA_VISIBLE_DEVICES``, see ``flows.workers``), so a lock
+  activations at once. Workers are pinned one per GPU (``CUDA_VISIBLE_DEVICES``, see ``flows.fleet.workers``), so a lock
   per device inside the process is exact and costs nothing: a Prefect global concurrency limit would add a server
   round trip per stage and a lease that outlives a killed process, for a resource no other process can reach. A
   stage that waits for the device says behind which item's stage it waits (``tasks.waits``).

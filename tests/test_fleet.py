@@ -29,7 +29,7 @@ import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 from fleet_server import free_port, postgres_cluster, require_postgres, server_log_errors, server_log_problems
 
-from flows.fleet_settings import AUTOMATION_NAME
+from flows.fleet.settings import AUTOMATION_NAME
 from flows.summary import read_summary
 from harmonize_core.stages import STAGES
 

@@ -96,7 +96,8 @@ def test_policies_sit_on_the_task_decorators():
 
 
 def test_deployments_are_scheduled_one_run_at_a_time_and_found_by_module():
-    from flows.deploy import COORDINATOR_QUEUE, SHARD_QUEUE, SHARD_TAG, deployment, shard_deployment
+    from flows.fleet.deploy import deployment, shard_deployment
+    from flows.fleet.settings import COORDINATOR_QUEUE, SHARD_QUEUE, SHARD_TAG
 
     nightly = deployment("s3://data/m.csv", "s3://results/nightly", preset="paper", device="cuda", work_pool="gpus")
     assert nightly.name == "nightly" and nightly.work_pool_name == "gpus"
@@ -116,7 +117,8 @@ def test_a_fan_out_says_when_the_zombie_automation_is_missing_disabled_or_out_of
     from prefect.automations import Automation
     from prefect.events.schemas.automations import EventTrigger
 
-    from flows.deploy import AUTOMATION_NAME, ensure_zombie_automation, zombie_automation_problem
+    from flows.fleet.automation import ensure_zombie_automation, zombie_automation_problem
+    from flows.fleet.settings import AUTOMATION_NAME
 
     assert zombie_automation_problem() == f"the automation {AUTOMATION_NAME!r} is missing"
     automation = ensure_zombie_automation(40)

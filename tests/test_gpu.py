@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import workers
+from flows.fleet import workers
 from tasks import gpu, stages, waits
 
 

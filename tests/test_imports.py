@@ -238,8 +238,9 @@ def test_the_checker_finds_cycles_upward_and_unmarked_imports(tmp_path):
                             "load_backbone", "resolve_device", "Backbone", "VGGFeatures")),
     ("harmonize_core.network.weights", ("load_state_dict", "weights_digest", "cache_dir", "default_caffe_vgg19",
                                 "CACHE_DIR_ENV", "CAFFE_VGG19_ENV", "LAYER_NAMES", "describe_network")),
-    ("flows.deploy", ("AUTOMATION_NAME", "SHARD_TAG", "COORDINATOR_QUEUE", "SHARD_QUEUE", "ZOMBIE_SECONDS",
-                      "ensure_zombie_automation", "zombie_automation_problem", "deployment", "shard_deployment")),
+    ("flows.fleet.settings", ("AUTOMATION_NAME", "SHARD_TAG", "COORDINATOR_QUEUE", "SHARD_QUEUE", "ZOMBIE_SECONDS")),
+    ("flows.fleet.automation", ("ensure_zombie_automation", "zombie_automation_problem", "zombie_trigger")),
+    ("flows.fleet.deploy", ("deploy", "deployment", "shard_deployment", "require_api", "heartbeat_env")),
 ])
 def test_public_names_stay_where_the_docs_and_tests_name_them(module, names):
     loaded = importlib.import_module(module)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
-from flows import cli, paths, workers
+from flows import cli, paths
 from flows.cli import main
+from flows.fleet import workers
 from harmonize_core.errors import InputError
 from harmonize_core.stages import STAGES
 
@@ -36,7 +37,7 @@ def typed_here(tmp_path, monkeypatch):
     needed (``require_api`` answers); returns the cwd."""
     make_dataset(tmp_path / "data", ids=("a",))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("flows.deploy.require_api", lambda: "http://prefect.invalid/api")
+    monkeypatch.setattr("flows.fleet.deploy.require_api", lambda: "http://prefect.invalid/api")
     return tmp_path
 
 
@@ -92,7 +93,7 @@ def test_what_cannot_be_made_absolute_is_refused_in_one_line(typed_here, capsys,
 
 
 def test_deploy_stores_absolute_paths_in_the_nightly_deployment(typed_here, monkeypatch, capsys):
-    from flows import deploy as fleet
+    from flows.fleet import deploy as fleet
 
     stored = {}
 
@@ -152,7 +153,7 @@ def test_a_flow_started_by_a_deployment_refuses_relative_paths(monkeypatch):
 
 
 def test_a_pooled_run_refuses_a_relative_out_before_sending_any_shard():
-    from flows.fanout import FanOut
+    from flows.fleet.fanout import FanOut
 
     with pytest.raises(InputError, match=r"^out 'rel/out' is a relative path, which a worker would resolve"):
         FanOut("rel/out", "run-1", {}, "cpu", "P", progress=None).run([], 1)

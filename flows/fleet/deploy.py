@@ -7,10 +7,10 @@ idempotent), on the Prefect server that ``PREFECT_API_URL`` names:
   shard at a time per GPU: ``harmonize worker``) and ``coordinator`` (manifest runs, which only wait and collect:
   limited to ``COORDINATOR_RUNS`` at once so they never pile up);
 - the **shard deployment** ``harmonize-shard/POOL`` on queue ``gpu``, the one ``harmonize run --pool POOL`` and the
-  nightly run fan items out to (``flows.fanout``); its runs send heartbeats every ``HEARTBEAT_SECONDS``;
+  nightly run fan items out to (``flows.fleet.fanout``); its runs send heartbeats every ``HEARTBEAT_SECONDS``;
 - with a manifest: the **manifest deployment** ``harmonize-manifest/nightly`` on queue ``coordinator`` with a cron
   schedule, one run at a time, fanning out to ``POOL``;
-- the **automation** ``AUTOMATION_NAME`` (``flows.automation``) that marks a shard run Crashed when it has been silent for
+- the **automation** ``AUTOMATION_NAME`` (``flows.fleet.automation``) that marks a shard run Crashed when it has been silent for
   ``zombie_seconds`` after it started running or after its last heartbeat (Prefect's documented zombie-run
   detection, armed also by the server's own ``Running`` event so that a machine lost before its run's first
   heartbeat reached the server is caught too): a killed worker's shard run ends Crashed, and the fan-out sends its
@@ -18,8 +18,9 @@ idempotent), on the Prefect server that ``PREFECT_API_URL`` names:
   (the coordinator's manifest runs, a team's other flows) send heartbeats every 180 s by default and must not be
   marked Crashed by a 90 s rule.
 
-Code is located by module path (``flows.shard.harmonize_shard``): workers need the package installed, no source
-storage. ``harmonize serve`` is the one-machine alternative: ``Flow.serve`` runs the schedule in its own process.
+Code is located by module path (``flows.shard.harmonize_shard``, ``flows.harmonize.harmonize_manifest``): workers
+need the package installed, no source storage. ``harmonize serve`` is the one-machine alternative: ``Flow.serve``
+runs the schedule in its own process.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from typing import Any
 from harmonize_core.errors import InputError
 
 from .automation import ensure_zombie_automation
-from .automation import zombie_automation_problem as zombie_automation_problem
-from .automation import zombie_trigger as zombie_trigger
-from .fleet_settings import (
+from .settings import (
     AUTOMATION_NAME,
     COORDINATOR_QUEUE,
     COORDINATOR_RUNS,
@@ -86,7 +85,7 @@ def shard_deployment(pool: str):
     """Return the ``RunnerDeployment`` of the shard flow on ``pool``'s ``gpu`` queue (named after the pool)."""
     from prefect.deployments.runner import EntrypointType
 
-    from .shard import harmonize_shard
+    from ..shard import harmonize_shard
 
     return harmonize_shard.to_deployment(name=pool, work_pool_name=pool, work_queue_name=SHARD_QUEUE,
                                          entrypoint_type=EntrypointType.MODULE_PATH, tags=["gpu", SHARD_TAG],
@@ -102,7 +101,7 @@ def deployment(manifest: str, out: str, cron: str = NIGHTLY, name: str = MANIFES
     """
     from prefect.deployments.runner import EntrypointType
 
-    from .harmonize import harmonize_manifest
+    from ..harmonize import harmonize_manifest
 
     values = {"manifest": manifest, "out": out, **parameters, **({"pool": work_pool} if work_pool else {})}
     extra = ({"work_pool_name": work_pool, "work_queue_name": COORDINATOR_QUEUE,
@@ -129,7 +128,7 @@ def deploy(pool: str = DEFAULT_POOL, manifest: str | None = None, out: str | Non
 
 def serve(manifest: str, out: str, cron: str = NIGHTLY, name: str = MANIFEST_DEPLOYMENT, **parameters: Any) -> None:
     """Serve the manifest flow from this process on ``cron`` until interrupted (``Flow.serve``; needs a server)."""
-    from .harmonize import harmonize_manifest
+    from ..harmonize import harmonize_manifest
 
     require_api()
     harmonize_manifest.serve(name=name, cron=cron, parameters={"manifest": manifest, "out": out, **parameters},

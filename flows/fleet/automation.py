@@ -19,7 +19,7 @@ from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 
-from .fleet_settings import AUTOMATION_NAME, SHARD_TAG, ZOMBIE_SECONDS
+from .settings import AUTOMATION_NAME, SHARD_TAG, ZOMBIE_SECONDS
 
 
 def zombie_trigger(seconds: float = ZOMBIE_SECONDS) -> Any:

@@ -6,7 +6,7 @@ worker per GPU, one shard at a time: ``harmonize worker``). While they run, the 
 under ``<out>/runs/<run_id>/items/`` are collected as they appear (progress across every machine).
 
 A shard whose run ends without rows for all its items (Crashed: the worker was killed or the machine is gone and
-Prefect's zombie automation marked the run, see ``flows.deploy``; Cancelled; Failed) is started again with just the
+Prefect's zombie automation marked the run, see ``flows.fleet.deploy``; Cancelled; Failed) is started again with just the
 missing items, on whichever worker is free: every stage it finished before is a cache hit there. After
 ``MAX_ATTEMPTS`` runs an item is reported failed with the shard's last state, never lost.
 
@@ -29,12 +29,12 @@ from harmonize_core.errors import InputError
 from tasks import storage
 from tasks.stages import PROGRESS
 
+from ..item import variant_items
+from ..paths import relative_path_problem, write_pool_marker
+from ..progress import RunProgress
+from ..shard import SHARD_FLOW
+from ..summary import FAILED, write_row
 from .automation import zombie_automation_problem
-from .item import variant_items
-from .paths import relative_path_problem, write_pool_marker
-from .progress import RunProgress
-from .shard import SHARD_FLOW
-from .summary import FAILED, write_row
 
 MAX_ATTEMPTS = 3
 POLL_SECONDS = 3.0

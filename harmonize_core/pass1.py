@@ -24,7 +24,7 @@ from .losses import (
     total_variation,
 )
 from .masks import propagate_mask
-from .matching import gather_targets, patch_cosine_match
+from .matching.nearest import gather_targets, patch_cosine_match
 from .network.architecture import layer_plan
 from .optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
 from .optimisation.objective import Problem, Term

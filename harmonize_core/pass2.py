@@ -30,9 +30,9 @@ from .losses import (
     style_loss_and_gradient,
     total_variation,
 )
-from .mapping import refine_mapping, upsample_used_mask, used_style_mask
 from .masks import nearest_resize
-from .matching import normalized_sum_match
+from .matching.mapping import refine_mapping, upsample_used_mask, used_style_mask
+from .matching.nearest import normalized_sum_match
 from .optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
 from .optimisation.objective import Problem, SparseGradient, Term
 from .optimisation.progress import Iterate

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from harmonize_core import mapping, matching
+from harmonize_core.matching import mapping
+from harmonize_core.matching import nearest as matching
 
 # ---------------------------------------------------------------------------------------------- oracles
 # Literal ports of the cuda_utils.cu loops, one pair and one offset at a time (numpy, float64 unless stated).

@@ -20,7 +20,7 @@ from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import WeightsUnavailableError
 from harmonize_core.histogram import histogram_target, remap_histogram, remap_histogram_naive
 from harmonize_core.masks import dilate_mask
-from harmonize_core.matching import (
+from harmonize_core.matching.nearest import (
     normalized_sum_match,
     normalized_sum_match_full,
     patch_cosine_match,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .config import HarmonizeConfig, use_bf16
-from .losses import (
+from .losses.terms import (
     content_loss,
     content_loss_and_gradient,
     gram_of_masked,

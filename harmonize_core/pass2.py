@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import PAPER_SIZE, HarmonizeConfig, use_bf16
-from .histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
 from .images import resize, to_working_size
-from .losses import (
+from .losses.histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
+from .losses.terms import (
     content_loss,
     content_loss_and_gradient,
     gram_of_masked,

@@ -16,7 +16,7 @@ import torch
 from .config import PAPER_SIZE, HarmonizeConfig, resolve_tau
 from .errors import InputError
 from .images import quantize, resize, to_working_size, working_shape
-from .losses import noise_estimate
+from .losses.terms import noise_estimate
 from .masks import dilate_mask, feather_mask
 from .network.vgg import load_backbone
 from .optimisation.progress import Iterate as Iterate  # re-exported: harmonize_core.stages.Iterate

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from harmonize_core.histogram import (
+from harmonize_core.losses.histogram import (
     HistogramTarget,
     bin_of_rank,
     histogram_loss_and_gradient,
@@ -19,7 +19,7 @@ from harmonize_core.histogram import (
     remap_histogram_searchsorted,
     stable_sort_rows,
 )
-from harmonize_core.losses import histogram_loss
+from harmonize_core.losses.terms import histogram_loss
 from harmonize_core.optimisation.window import Window
 
 BINS = 256

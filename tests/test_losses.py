@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harmonize_core.losses import (
+from harmonize_core.losses.terms import (
     channel_matrix,
     content_loss,
     content_loss_and_gradient,

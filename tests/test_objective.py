@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from harmonize_core.errors import DivergedError, HarmonizeError
-from harmonize_core.histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
-from harmonize_core.losses import (
+from harmonize_core.losses.histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
+from harmonize_core.losses.terms import (
     content_loss,
     content_loss_and_gradient,
     gram_of_masked,

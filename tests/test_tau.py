@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harmonize_core.images import to_working_size
-from harmonize_core.losses import noise_estimate
+from harmonize_core.losses.terms import noise_estimate
 from harmonize_core.tau import (
     LOG_MTV_CENTRE,
     LOG_MTV_WIDTH,

@@ -18,7 +18,7 @@ import torch
 from harmonize_core import stages
 from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import WeightsUnavailableError
-from harmonize_core.histogram import histogram_target, remap_histogram, remap_histogram_naive
+from harmonize_core.losses.histogram import histogram_target, remap_histogram, remap_histogram_naive
 from harmonize_core.masks import dilate_mask
 from harmonize_core.matching.nearest import (
     normalized_sum_match,

@@ -1,4 +1,4 @@
-"""Fit and cross-validate the ``tau="auto"`` estimator (harmonize_core/tau.py) on the reference cases.
+"""Fit and cross-validate the ``tau="auto"`` estimator (harmonize_core/passes/tau.py) on the reference cases.
 
 Usage: python bench/calibrate_tau.py [CASES_DIR]
 (CASES_DIR: the 35 reference cases published with the authors' code, their data/ folder; default: a
@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.reference_cases import CASES_DIR, authors_taus
 from harmonize_core.images import decode_image, read_bytes
-from harmonize_core.tau import (
+from harmonize_core.passes.tau import (
     LOG_MTV_CENTRE,
     LOG_MTV_WIDTH,
     TAU_TEXTURED,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from bench.reference_cases import CASES_DIR
 from harmonize_core.config import MaskConfig
 from harmonize_core.images import decode_image, read_bytes
-from harmonize_core.masks import gaussian_kernel1d, separable_filter
+from harmonize_core.passes.masks import gaussian_kernel1d, separable_filter
 from manifests.checks import (
     CHANGE_TOLERANCE_LEVELS,
     GREY_WARN_FRACTION,

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from bench.reference_cases import CASES_DIR
-from harmonize_core import stages
 from harmonize_core.config import HarmonizeConfig, preset
 from harmonize_core.demo_data import make_item
 from harmonize_core.io import load_item
 from harmonize_core.network.vgg import load_backbone
-from harmonize_core.pass1 import pass1_problem
+from harmonize_core.passes import stages
+from harmonize_core.passes.pass1 import pass1_problem
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = "8"  # 564x700, tight mask 14% of the image: above the cases' median (6%), so masking gains less

@@ -61,7 +61,7 @@ def run_cases(folder: Path, out: Path, size: int, iters: int, only: set[int] | N
     """Harmonize every case (skipping finished ones) and write its working-size inputs and outputs under ``out``."""
     from harmonize_core import harmonize, load_item, preset, save_outputs
     from harmonize_core.network.vgg import load_backbone
-    from harmonize_core.stages import prepare_inputs
+    from harmonize_core.passes.stages import prepare_inputs
 
     config = preset("quick").replace(**{"sizing.size": size, "pass1.iterations": iters, "pass2.iterations": iters})
     backbone = load_backbone(config.backbone.name, config.backbone.weights, device="cpu",

@@ -32,7 +32,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import CommitMode, transaction
 
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 from tasks import storage
 from tasks.caching import config_from_dict, stage_policy
 from tasks.gpu import worker_name

@@ -25,7 +25,7 @@ from typing import Any
 
 from harmonize_core.config import HarmonizeConfig, canonical_section
 from harmonize_core.estimate import describe_seconds, stage_seconds, working_pixels
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 from manifests import ValidationReport
 from tasks import storage
 from tasks.caching import FILE_INPUTS, UPSTREAM, config_from_dict, key_from_payload, key_payload

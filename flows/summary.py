@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 from harmonize_core.errors import InputError
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 from manifests import Problem, ValidationReport
 from tasks import storage
 

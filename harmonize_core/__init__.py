@@ -11,7 +11,7 @@ from .config import HarmonizeConfig, apply_overrides, preset
 from .errors import HarmonizeError, InputError, WeightsUnavailableError
 from .io import load_item, save_outputs
 from .optimisation.progress import Iterate
-from .stages import STAGES, StageOutput, harmonize
+from .passes.stages import STAGES, StageOutput, harmonize
 from .version import __version__
 
 __all__ = [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import HarmonizeConfig
-from .stages import STAGES
+from .passes.stages import STAGES
 
 REFERENCE_PIXELS = 564 * 700
 REFERENCE_THREADS = 2

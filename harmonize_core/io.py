@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .images import decode_image, decode_mask, encode_png, read_bytes
-from .stages import StageOutput
+from .passes.stages import StageOutput
 
 
 def load_item(content: str | Path, style: str | Path, mask: str | Path,

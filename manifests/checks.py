@@ -22,7 +22,7 @@ import torch
 
 from harmonize_core.config import PAPER_SIZE, MaskConfig
 from harmonize_core.images import resize, working_shape
-from harmonize_core.masks import dilate_mask
+from harmonize_core.passes.masks import dilate_mask
 
 ANALYSIS_SIZE = PAPER_SIZE  # long side of the consistency analysis (smaller inputs are analysed as they are)
 LEVELS = 255.0

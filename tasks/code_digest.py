@@ -34,8 +34,9 @@ from functools import cache, lru_cache
 from pathlib import Path
 
 import harmonize_core
-from harmonize_core import images, stages
+from harmonize_core import images
 from harmonize_core.network.vgg import load_backbone
+from harmonize_core.passes import stages
 
 CORE_DIR = Path(harmonize_core.__file__).parent
 EXEMPT_MARK = "REPORTING_ONLY"

@@ -1,6 +1,6 @@
 """The five stage tasks: dilate -> pass1 -> blend -> pass2 -> reconstruct, each a thin wrapper of one core stage.
 
-A task reads its inputs by URI, calls ``harmonize_core.stages``, and writes its image and metrics twice: once as
+A task reads its inputs by URI, calls ``harmonize_core.passes.stages``, and writes its image and metrics twice: once as
 immutable objects named by their sha256 (``<out>/.cache/objects/<sha256>.png|json``, what the records and the
 downstream stages read, so a reader never sees a file another writer is replacing) and once as the item's own
 readable copy ``<out>/<id>[/<variant>]/<stage>.png|json``. A task that computes first removes the item's copies of
@@ -29,9 +29,9 @@ import torch
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from harmonize_core import stages as core
 from harmonize_core.errors import HarmonizeError, InputError
 from harmonize_core.images import decode_image, decode_mask, decode_png_exact, encode_png
+from harmonize_core.passes import stages as core
 
 from . import storage
 from .backbones import load_for_task

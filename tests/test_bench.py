@@ -23,10 +23,11 @@ from bench.phases import PhaseError, recording_phases
 from bench.sections.evalcost import EVAL_BAR, EvalCost, plain_forward_backward
 from bench.sections.fastpaths.history import lbfgs_state_peak
 from bench.sections.stages import PASS_PHASES
-from harmonize_core import stages, timing
+from harmonize_core import timing
 from harmonize_core.config import preset
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.optimisation.objective import Problem, Term
+from harmonize_core.passes import stages
 
 STAGE_SIZE, RATIO_SIZE, ITERATIONS = 48, 64, 2
 SMOKE_ARGS = ["--sizes", str(STAGE_SIZE), "--iterations", str(ITERATIONS), "--ratio-size", str(RATIO_SIZE),

@@ -16,7 +16,7 @@ from conftest import TEST_BACKBONE, TEST_WEIGHTS, TINY_SIZE, make_dataset
 
 from flows.cli import main
 from flows.summary import read_summary
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FLAGS = ["--backbone", TEST_BACKBONE, "--weights", TEST_WEIGHTS, "--device", "cpu"]

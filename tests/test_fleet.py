@@ -31,7 +31,7 @@ from fleet_server import free_port, postgres_cluster, require_postgres, server_l
 
 from flows.fleet.settings import AUTOMATION_NAME
 from flows.summary import read_summary
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from conftest import TEST_BACKBONE, TEST_WEIGHTS, TINY_SIZE, make_dataset
 from flows.harmonize import ItemsFailed, ManifestError, harmonize_manifest
 from flows.summary import ARTIFACT_KEY, read_summary, rerun_ids
 from harmonize_core import demo_data
-from harmonize_core import stages as core_stages
 from harmonize_core.config import preset
 from harmonize_core.errors import InputError
-from harmonize_core.stages import STAGES
+from harmonize_core.passes import stages as core_stages
+from harmonize_core.passes.stages import STAGES
 from tasks import caching, storage
 from tasks.storage import TransientStorageError
 

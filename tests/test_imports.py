@@ -232,7 +232,7 @@ def test_the_checker_finds_cycles_upward_and_unmarked_imports(tmp_path):
 
 @pytest.mark.parametrize(("module", "names"), [
     ("harmonize_core", ("harmonize", "load_item", "preset", "save_outputs", "Iterate", "StageOutput", "__version__")),
-    ("harmonize_core.stages", ("Iterate", "ProgressFn", "STAGES", "harmonize", "prepare_inputs")),
+    ("harmonize_core.passes.stages", ("Iterate", "ProgressFn", "STAGES", "harmonize", "prepare_inputs")),
     ("harmonize_core.network.vgg", ("TAPS", "CAFFE", "TORCHVISION", "PREPROCESSINGS", "LAYER_NAMES", "VGG_CFGS", "ARCHS",
                             "Preprocessing", "build_features", "layer_plan", "check_tap", "conv_shapes",
                             "load_backbone", "resolve_device", "Backbone", "VGGFeatures")),

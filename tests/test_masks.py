@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from harmonize_core.config import MaskConfig
 from harmonize_core.images import decode_mask, read_bytes
-from harmonize_core.masks import (
+from harmonize_core.passes.masks import (
     dilate_mask,
     feather_mask,
     gaussian_kernel1d,

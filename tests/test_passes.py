@@ -11,12 +11,12 @@ import torch
 
 from harmonize_core.config import apply_overrides, preset
 from harmonize_core.images import quantize
-from harmonize_core.masks import feather_mask
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.optimisation.objective import evaluate
-from harmonize_core.pass1 import pass1_problem
-from harmonize_core.pass2 import pass2_problem
-from harmonize_core.stages import blend, dilate, harmonize, pass1, pass2, prepare_inputs
+from harmonize_core.passes.masks import feather_mask
+from harmonize_core.passes.pass1 import pass1_problem
+from harmonize_core.passes.pass2 import pass2_problem
+from harmonize_core.passes.stages import blend, dilate, harmonize, pass1, pass2, prepare_inputs
 
 
 def _item(height=48, width=64):

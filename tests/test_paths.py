@@ -19,7 +19,7 @@ from flows import cli, paths
 from flows.cli import main
 from flows.fleet import workers
 from harmonize_core.errors import InputError
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 
 TEST_FLAGS = ["--backbone", TEST_BACKBONE, "--weights", TEST_WEIGHTS, "--device", "cpu"]
 SHARED_HINT = "give s3:// URIs, or put them on a disk every worker mounts at the same path"

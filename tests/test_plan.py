@@ -17,7 +17,7 @@ from flows.summary import STATUS_NAME, read_summary, rerun_ids
 from harmonize_core.config import preset
 from harmonize_core.network import vgg
 from harmonize_core.network import weights as weights_module
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 from manifests import RunSettings, validate_manifest
 from tasks import backbones, caching, code_digest
 from tasks.backbones import backbone_spec

@@ -18,8 +18,8 @@ from kornia.filters import gaussian_blur2d
 from harmonize_core.config import PostConfig, preset
 from harmonize_core.demo_data import make_item
 from harmonize_core.images import quantize, to_working_size
+from harmonize_core.passes.stages import prepare_inputs, reconstruct
 from harmonize_core.quality import ANALYSIS_SIZE, quality_scores
-from harmonize_core.stages import prepare_inputs, reconstruct
 
 CASES = Path(__file__).resolve().parents[1].parent / "shared" / "dph-cases"
 DEMO_SEEDS = (0, 1)

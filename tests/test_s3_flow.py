@@ -12,7 +12,7 @@ from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
 from flows.harmonize import ItemsFailed, harmonize_manifest
 from flows.summary import read_summary
-from harmonize_core.stages import STAGES
+from harmonize_core.passes.stages import STAGES
 from tasks import caching, storage
 
 MANIFEST = "s3://data/sets/tiny/manifest.csv"

@@ -22,8 +22,8 @@ from PIL import Image
 
 from flows.harmonize import ItemsFailed, harmonize_manifest
 from flows.summary import read_summary
-from harmonize_core import stages as core_stages
-from harmonize_core.stages import STAGES
+from harmonize_core.passes import stages as core_stages
+from harmonize_core.passes.stages import STAGES
 from tasks import stages as stage_tasks
 from tasks import waits
 from tasks.storage import locks

@@ -13,8 +13,8 @@ from harmonize_core.config import HarmonizeConfig, apply_overrides, preset, stag
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
 from harmonize_core.optimisation.objective import Problem, Term
-from harmonize_core.pass1 import run_pass1
-from harmonize_core.pass2 import run_pass2
+from harmonize_core.passes.pass1 import run_pass1
+from harmonize_core.passes.pass2 import run_pass2
 
 H, W = 40, 48
 

@@ -1,4 +1,4 @@
-"""tau="auto" (harmonize_core/tau.py): range, determinism, and the cross-validated figures docs/tau.md reports."""
+"""tau="auto" (harmonize_core/passes/tau.py): range, determinism, and the cross-validated figures docs/tau.md reports."""
 
 import importlib.util
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 
 from harmonize_core.images import to_working_size
 from harmonize_core.losses.terms import noise_estimate
-from harmonize_core.tau import (
+from harmonize_core.passes.tau import (
     LOG_MTV_CENTRE,
     LOG_MTV_WIDTH,
     estimate_tau,

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from harmonize_core import stages
 from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import WeightsUnavailableError
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.optimisation.objective import Problem, evaluate
-from harmonize_core.pass1 import pass1_problem
-from harmonize_core.pass2 import pass2_problem
+from harmonize_core.passes import stages
+from harmonize_core.passes.pass1 import pass1_problem
+from harmonize_core.passes.pass2 import pass2_problem
 
 from .. import timed
 from ..common import Options, load_bench_item, stage_config

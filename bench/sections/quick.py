@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from harmonize_core import stages
 from harmonize_core.config import preset
 from harmonize_core.errors import WeightsUnavailableError
 from harmonize_core.network.vgg import load_backbone
+from harmonize_core.passes import stages
 
 from .. import MIB, PeakMemory, timed
 from ..common import STAGE_WEIGHTS, Options, Row, load_bench_item

@@ -15,11 +15,9 @@ from typing import Any
 
 import torch
 
-from harmonize_core import stages
 from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import WeightsUnavailableError
 from harmonize_core.losses.histogram import histogram_target, remap_histogram, remap_histogram_naive
-from harmonize_core.masks import dilate_mask
 from harmonize_core.matching.nearest import (
     normalized_sum_match,
     normalized_sum_match_full,
@@ -27,8 +25,10 @@ from harmonize_core.matching.nearest import (
     patch_cosine_match_full,
 )
 from harmonize_core.network.vgg import load_backbone
-from harmonize_core.pass1 import layer_masks
-from harmonize_core.pass2 import HIST_MASK_THRESHOLD, consistent_used_sets
+from harmonize_core.passes import stages
+from harmonize_core.passes.masks import dilate_mask
+from harmonize_core.passes.pass1 import layer_masks
+from harmonize_core.passes.pass2 import HIST_MASK_THRESHOLD, consistent_used_sets
 
 from .. import MIB, PeakMemory, best_of, timed
 from ..common import STAGE_WEIGHTS, Item, Options, load_bench_item, stage_config

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from harmonize_core import stages
 from harmonize_core.network.vgg import load_backbone
+from harmonize_core.passes import stages
 
 from .. import MIB, PeakMemory, current_memory, timed
 from ..common import (

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from harmonize_core import stages
+from harmonize_core.passes import stages
 
 from ... import MIB, PeakMemory
 from ...common import PAPER_ITERATIONS, Options, Row, lbfgs_history_bytes, load_bench_item, stage_config

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from harmonize_core import stages
 from harmonize_core.network.vgg import load_backbone
+from harmonize_core.passes import stages
 
 from ... import timed, with_memory_format
 from ...common import Options, Row, load_bench_item, md_cell, stage_config

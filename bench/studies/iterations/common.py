@@ -11,7 +11,7 @@ from bench.reference_cases import authors_taus
 from harmonize_core import load_item, preset
 from harmonize_core.images import decode_png_exact, encode_png, read_bytes
 from harmonize_core.losses.terms import noise_estimate
-from harmonize_core.stages import ItemInputs, blend, dilate, prepare_inputs, reconstruct
+from harmonize_core.passes.stages import ItemInputs, blend, dilate, prepare_inputs, reconstruct
 
 # Two cases per tau level of the authors (about 1, 5, 10), masks from 2.4% to 23.5% of the image.
 DEFAULT_CASES = (0, 16, 8, 24, 5, 23)

@@ -14,9 +14,9 @@ from harmonize_core import harmonize, load_item, preset
 from harmonize_core.images import quantize
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.optimisation.lbfgs import Snapshots
-from harmonize_core.pass1 import run_pass1
-from harmonize_core.pass2 import run_pass2
-from harmonize_core.stages import blend
+from harmonize_core.passes.pass1 import run_pass1
+from harmonize_core.passes.pass2 import run_pass2
+from harmonize_core.passes.stages import blend
 
 from .common import (
     JITTER_LEVELS,

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from bench.reference_cases import authors_taus
+from harmonize_core.passes.stages import blend
 from harmonize_core.quality import quality_scores
-from harmonize_core.stages import blend
 
 from .common import (
     LENGTHS,

@@ -13,18 +13,18 @@ from typing import Any
 
 import torch
 
-from .config import PAPER_SIZE, HarmonizeConfig, resolve_tau
-from .errors import InputError
-from .images import quantize, resize, to_working_size, working_shape
-from .losses.terms import noise_estimate
+from ..config import PAPER_SIZE, HarmonizeConfig, resolve_tau
+from ..errors import InputError
+from ..images import quantize, resize, to_working_size, working_shape
+from ..losses.terms import noise_estimate
+from ..network.vgg import load_backbone
+from ..optimisation.progress import Iterate as Iterate  # re-exported: harmonize_core.passes.stages.Iterate
+from ..optimisation.progress import ProgressFn, stage_record
+from ..postprocess import reconstruct as run_reconstruct
+from ..quality import quality_scores
 from .masks import dilate_mask, feather_mask
-from .network.vgg import load_backbone
-from .optimisation.progress import Iterate as Iterate  # re-exported: harmonize_core.stages.Iterate
-from .optimisation.progress import ProgressFn, stage_record
 from .pass1 import run_pass1
 from .pass2 import run_pass2
-from .postprocess import reconstruct as run_reconstruct
-from .quality import quality_scores
 from .tau import estimate_tau
 
 STAGES: tuple[str, ...] = ("dilate", "pass1", "blend", "pass2", "reconstruct")

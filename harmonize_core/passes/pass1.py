@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from .config import HarmonizeConfig, use_bf16
-from .losses.terms import (
+from ..config import HarmonizeConfig, use_bf16
+from ..losses.terms import (
     content_loss,
     content_loss_and_gradient,
     gram_of_masked,
@@ -23,13 +23,13 @@ from .losses.terms import (
     style_loss_and_gradient,
     total_variation,
 )
+from ..matching.nearest import gather_targets, patch_cosine_match
+from ..network.architecture import layer_plan
+from ..optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
+from ..optimisation.objective import Problem, Term
+from ..optimisation.progress import Iterate
+from ..timing import phase
 from .masks import propagate_mask
-from .matching.nearest import gather_targets, patch_cosine_match
-from .network.architecture import layer_plan
-from .optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
-from .optimisation.objective import Problem, Term
-from .optimisation.progress import Iterate
-from .timing import phase
 
 FREE_MEMORY_SHARE = 0.5  # on CUDA a match chunk never takes more than half of the memory free at the time
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import PAPER_SIZE, HarmonizeConfig, use_bf16
-from .images import resize, to_working_size
-from .losses.histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
-from .losses.terms import (
+from ..config import PAPER_SIZE, HarmonizeConfig, use_bf16
+from ..images import resize, to_working_size
+from ..losses.histogram import histogram_loss_and_gradient, histogram_target, remap_histogram
+from ..losses.terms import (
     content_loss,
     content_loss_and_gradient,
     gram_of_masked,
@@ -30,14 +30,14 @@ from .losses.terms import (
     style_loss_and_gradient,
     total_variation,
 )
+from ..matching.mapping import refine_mapping, upsample_used_mask, used_style_mask
+from ..matching.nearest import normalized_sum_match
+from ..optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
+from ..optimisation.objective import Problem, SparseGradient, Term
+from ..optimisation.progress import Iterate
+from ..timing import phase
 from .masks import nearest_resize
-from .matching.mapping import refine_mapping, upsample_used_mask, used_style_mask
-from .matching.nearest import normalized_sum_match
-from .optimisation.lbfgs import LbfgsSettings, Snapshots, optimise
-from .optimisation.objective import Problem, SparseGradient, Term
-from .optimisation.progress import Iterate
 from .pass1 import layer_masks, match_budget
-from .timing import phase
 
 HIST_MASK_THRESHOLD = 0.1  # neural_paint.lua L258-261: maskI = loose mask at the layer > 0.1
 TIGHT_THRESHOLD = 0.1  # neural_paint.lua L150: tmask = tight > 0.1 after a nearest resize

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import MaskConfig, odd_at_size, scale_to_size
+from ..config import MaskConfig, odd_at_size, scale_to_size
 
 
 def gaussian_kernel1d(width: int, sigma: float, *, device=None, dtype=torch.float32) -> torch.Tensor:

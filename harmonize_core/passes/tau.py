@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from .config import PAPER_SIZE
-from .images import to_working_size
-from .losses.terms import noise_estimate
+from ..config import PAPER_SIZE
+from ..images import to_working_size
+from ..losses.terms import noise_estimate
 
 TAU_SMOOTH = 1.0  # the authors' lowest level (issue #6)
 TAU_TEXTURED = 5.0  # the authors' middle level (issue #6)

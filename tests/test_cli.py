@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, TINY_SIZE, make_dataset
 
-from flows.cli import main
+from flows.cli.main import main
 from flows.summary import read_summary
 from harmonize_core.passes.stages import STAGES
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS
 
 from flows import csvsafe
-from flows.cli import main
+from flows.cli.main import main
 from flows.summary import (
     COLUMNS,
     STATUS_COLUMNS,

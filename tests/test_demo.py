@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from flows.cli.main import main
 from flows.summary import read_summary
 from harmonize_core.demo_data import DEMO_IDS, DEMO_STRUCTURE_MIN
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 from PIL import Image
 
-from flows.cli import main
+from flows.cli.main import main
 from flows.summary import read_summary
 from harmonize_core.errors import InputError, LimitError, quoted
 from harmonize_core.images import (

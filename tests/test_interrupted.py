@@ -18,7 +18,7 @@ import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
 from flows import run_record
-from flows.cli import main
+from flows.cli.main import main
 from flows.report import build as report_build
 from flows.summary import (
     STATUS_COLUMNS,

@@ -13,7 +13,7 @@ TINY = ["--size", "48", "--pass1-iters", "2", "--pass2-iters", "2", "--weights",
 
 
 def _harmonize(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from flows.cli import main; sys.exit(main())"
+    code = "import sys; from flows.cli.main import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
 
 
@@ -91,7 +91,7 @@ def test_random_weights_only_when_asked(item):
     args = _args(item)
     args[args.index("random:0")] = "imagenet"
     args[args.index("--weights"):args.index("--weights")] = ["--backbone", "vgg19"]
-    result = subprocess.run([sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())", *args],
+    result = subprocess.run([sys.executable, "-c", "import sys; from flows.cli.main import main; sys.exit(main())", *args],
                             capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "TORCH_HOME": str(item["out"] / "empty-torch-home"),
                                  "HARMONIZE_OFFLINE_TEST": "1"})

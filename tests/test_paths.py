@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
-from flows import cli, paths
-from flows.cli import main
+from flows import paths
+from flows.cli import common as cli_common
+from flows.cli import fleet as cli_fleet
+from flows.cli import run as cli_run
+from flows.cli.main import main
 from flows.fleet import workers
 from harmonize_core.errors import InputError
 from harmonize_core.passes.stages import STAGES
@@ -45,11 +48,11 @@ def test_run_on_a_pool_hands_absolute_paths_to_the_flow_and_warns_once(typed_her
     captured = {}
 
     def fake_run_flow(manifest, out, args, only_ids=None):
-        captured.update(manifest=manifest, out=out, only_ids=only_ids, parameters=cli.flow_parameters(args),
+        captured.update(manifest=manifest, out=out, only_ids=only_ids, parameters=cli_common.flow_parameters(args),
                         only_failed=args.only_failed)
         return 0
 
-    monkeypatch.setattr(cli, "run_flow", fake_run_flow)
+    monkeypatch.setattr(cli_run, "run_flow", fake_run_flow)
     Path("weights.pth").write_bytes(b"not read here")
     Path("status.csv").write_text("id,status,error\na,failed,boom\n")
     argv = ["run", "data/manifest.csv", "--out", "results/", "--pool", "P", "--only-failed", "status.csv",
@@ -118,7 +121,7 @@ def test_serve_schedules_absolute_paths(typed_here, monkeypatch):
         def serve(self, **options):
             served.update(options["parameters"])
 
-    monkeypatch.setattr(cli, "manifest_flow", lambda args: Flow())
+    monkeypatch.setattr(cli_fleet, "manifest_flow", lambda args: Flow())
     assert main(["serve", "data/manifest.csv", "--out", "~/runs/nightly", *TEST_FLAGS]) == 0
     assert served["manifest"] == f"{typed_here}/data/manifest.csv"
     assert served["out"] == str(Path("~/runs/nightly").expanduser())

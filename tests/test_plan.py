@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TEST_BACKBONE, TEST_WEIGHTS, make_dataset
 
-from flows.cli import main
+from flows.cli.main import main
 from flows.harmonize import harmonize_manifest, input_index
 from flows.plan import CACHED, NEW, STALE, plan_run, why_stale
 from flows.summary import STATUS_NAME, read_summary, rerun_ids

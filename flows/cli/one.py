@@ -1,7 +1,9 @@
 """``harmonize one``: run dilate, pass 1, blend, pass 2 and reconstruct on one item with no orchestration.
 
-The config flags are derived from ``config.OVERRIDE_FIELDS`` and the dataclass fields' help text, so the CLI, the
-flow parameters and the manifest columns share one set of names and defaults. ``flows.cli`` mounts these.
+The core alone (``harmonize_core``): no Prefect, no cache, no storage but an ``s3://`` weights file downloaded
+first (``tasks.backbones.local_weights``). The config flags are derived from ``config.OVERRIDE_FIELDS`` and the
+dataclass fields' help text, so every subcommand, the flow parameters and the manifest columns share one set of
+names and defaults (``add_config_arguments``, used by the other subcommands too).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, override_targets, preset
-from .estimate import describe_seconds, item_seconds, working_pixels
-from .io import load_item, save_outputs
-from .network.vgg import load_backbone, resolve_device
-from .network.weights import describe_network
-from .stages import harmonize, prepare_inputs
+from harmonize_core.config import OVERRIDE_FIELDS, PRESETS, HarmonizeConfig, apply_overrides, override_targets, preset
+from harmonize_core.estimate import describe_seconds, item_seconds, working_pixels
+from harmonize_core.io import load_item, save_outputs
+from harmonize_core.network.vgg import load_backbone, resolve_device
+from harmonize_core.network.weights import describe_network
+from harmonize_core.passes.stages import harmonize, prepare_inputs
+from tasks.backbones import local_weights
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -62,7 +65,7 @@ def add_one_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--mask", required=True, help="tight mask of the pasted object (white = object)")
     parser.add_argument("--out", required=True, help="output directory")
     add_config_arguments(parser)
-    parser.set_defaults(handler=run_one)
+    parser.set_defaults(handler=cmd_one)
     return parser
 
 
@@ -103,3 +106,10 @@ def run_one(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{s} {o.metrics['seconds']:.1f}s" for s, o in outputs.items())
     print(f"wrote {len(outputs)} stages to {args.out} ({stages}); metrics: {path}", file=sys.stderr)
     return 0
+
+
+def cmd_one(args: argparse.Namespace) -> int:
+    """``harmonize one``: ``run_one`` with an ``s3://`` weights file downloaded first; return the exit code (0)."""
+    if args.weights:
+        args.weights = local_weights(args.weights)
+    return run_one(args)

@@ -1,4 +1,4 @@
-"""Validate the per-item quality scores (harmonize_core/quality.py) on the reference cases.
+"""Validate the per-item quality scores (harmonize_core/quality/scores.py) on the reference cases.
 
 Usage::
 
@@ -92,7 +92,7 @@ def load_case(folder: Path) -> dict[str, torch.Tensor]:
 
 def score_cases(out: Path) -> list[dict[str, object]]:
     """Return one row per case and output kind: case, genre, output, style, structure, seam."""
-    from harmonize_core.quality import quality_scores
+    from harmonize_core.quality.scores import quality_scores
 
     rows = []
     folders = sorted((p for p in out.iterdir() if (p / "reconstruct.png").exists()), key=lambda p: int(p.name))

@@ -183,8 +183,8 @@ CORE_EDITS = [
     ("passes.tau", "estimate_tau", {"pass2"}),
     ("network.vgg", "build_features", {"pass1", "pass2"}),
     ("network.weights", "normalize_state_dict", {"pass1", "pass2"}),
-    ("postprocess", "reconstruct", {"reconstruct"}),
-    ("quality", "quality_scores", {"reconstruct"}),  # the scores are computed in the reconstruct stage
+    ("postprocess.reconstruct", "reconstruct", {"reconstruct"}),
+    ("quality.scores", "quality_scores", {"reconstruct"}),  # the scores are computed in the reconstruct stage
     ("passes.stages", "pass2", {"pass2"}),  # another stage's function in the same module changes nothing else
     ("passes.stages", "harmonize", set()),  # the in-memory driver: the tasks call the stages one by one
     ("optimisation.progress", "Iterate", set()),  # progress events

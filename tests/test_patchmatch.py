@@ -1,4 +1,4 @@
-"""PatchMatch, patch distances and voting against brute-force references (harmonize_core/patchmatch.py)."""
+"""PatchMatch, patch distances and voting against brute-force references (harmonize_core/postprocess/patchmatch.py)."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonize_core.images import decode_image, decode_mask, read_bytes
-from harmonize_core.patchmatch import nearest_patches_bruteforce, patch_distance, patchmatch, vote
+from harmonize_core.postprocess.patchmatch import nearest_patches_bruteforce, patch_distance, patchmatch, vote
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "dph-cases"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,4 +1,4 @@
-"""The reconstruction stage (harmonize_core/postprocess.py) against direct references of filt_cnn_artifact.m."""
+"""The reconstruction stage (harmonize_core/postprocess/reconstruct.py) against direct references of filt_cnn_artifact.m."""
 
 import json
 import math
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from kornia.color import lab_to_rgb, rgb_to_lab
 
-from harmonize_core import postprocess
 from harmonize_core.config import PostConfig
-from harmonize_core.postprocess import (
+from harmonize_core.postprocess import reconstruct as postprocess
+from harmonize_core.postprocess.reconstruct import (
     blend_mask,
     denoise_chroma,
     detail_layer,

@@ -1,4 +1,4 @@
-"""The per-item quality scores (harmonize_core/quality.py): directions, determinism, shapes, speed, stage metrics.
+"""The per-item quality scores (harmonize_core/quality/scores.py): directions, determinism, shapes, speed, stage metrics.
 
 Synthetic items are the procedural demo items (a photo-like ball pasted into a brush-stroke painting); the
 reference-case test runs on the authors' cases when ``../shared/dph-cases`` exists and is skipped otherwise.
@@ -19,7 +19,7 @@ from harmonize_core.config import PostConfig, preset
 from harmonize_core.demo_data import make_item
 from harmonize_core.images import quantize, to_working_size
 from harmonize_core.passes.stages import prepare_inputs, reconstruct
-from harmonize_core.quality import ANALYSIS_SIZE, quality_scores
+from harmonize_core.quality.scores import ANALYSIS_SIZE, quality_scores
 
 CASES = Path(__file__).resolve().parents[1].parent / "shared" / "dph-cases"
 DEMO_SEEDS = (0, 1)

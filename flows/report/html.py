@@ -21,7 +21,7 @@ from .cards import CONTRACT_COLUMNS, SHARED_STAGES, Card, as_float
 from .curves import curve_svg, read_metrics
 from .thumbs import input_thumbs, inside, relative_key, stage_thumb
 
-# What each quality score says and which way is better (harmonize_core/quality.py's docstring, in a line each).
+# What each quality score says and which way is better (harmonize_core/quality/scores.py's docstring, in a line each).
 QUALITY_LEGEND = {
     "quality_style": "style: distance of the object's texture to the painting around it, lower is better "
                      "(about 1 = as close as the painting is to itself)",

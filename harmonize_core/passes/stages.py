@@ -20,8 +20,8 @@ from ..losses.terms import noise_estimate
 from ..network.vgg import load_backbone
 from ..optimisation.progress import Iterate as Iterate  # re-exported: harmonize_core.passes.stages.Iterate
 from ..optimisation.progress import ProgressFn, stage_record
-from ..postprocess import reconstruct as run_reconstruct
-from ..quality import quality_scores
+from ..postprocess.reconstruct import reconstruct as run_reconstruct
+from ..quality.scores import quality_scores
 from .masks import dilate_mask, feather_mask
 from .pass1 import run_pass1
 from .pass2 import run_pass2
@@ -130,7 +130,7 @@ def reconstruct(pass2_image: torch.Tensor, inputs: ItemInputs, config: Harmonize
     """Return the post-processed final image (filt_cnn_artifact.m): chroma denoise, patch synthesis, detail, blend.
 
     Its metrics carry ``quality``: the final image's (8-bit, as stored) ``{"style", "structure", "seam"}`` scores
-    against the composite, the painting and the tight mask (harmonize_core/quality.py says which way is better).
+    against the composite, the painting and the tight mask (harmonize_core/quality/scores.py says which way is better).
     """
     started = time.perf_counter()
     image, metrics = run_reconstruct(pass2_image, inputs.style, inputs.content, inputs.tight, config.post,

@@ -32,7 +32,7 @@ two other seeds (PatchMatch's random init): the noise band is ``NOISE_FACTOR`` x
 fp32 from the jittered composite (the noise at that size and schedule); ``bf16-score`` prints the comparison.
 
 ``score`` blends and reconstructs every pass-2 snapshot as ``stages.pass2`` / ``stages.reconstruct`` do, scores it
-with ``harmonize_core.quality.quality_scores`` against the (unjittered) composite, painting and tight mask, and writes
+with ``harmonize_core.quality.scores.quality_scores`` against the (unjittered) composite, painting and tight mask, and writes
 ``OUT/study_scores.csv`` (case, schedule, scores, final pass-1 and pass-2 losses), ``OUT/study_tables.md`` and
 ``OUT/study_curves.png``; with early stopping replayed on the snapshots' image changes. ``check`` runs ``harmonize``
 with the ``fast`` preset (at the study size, offline VGG16) and ``score`` tables its scores against 1000 + 1000.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.reference_cases import authors_taus
 from harmonize_core.passes.stages import blend
-from harmonize_core.quality import quality_scores
+from harmonize_core.quality.scores import quality_scores
 
 from .common import (
     LENGTHS,

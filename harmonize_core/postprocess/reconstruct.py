@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from kornia.color import lab_to_rgb, rgb_to_lab
 from kornia.filters import gaussian_blur2d, guided_blur
 
-from .config import PostConfig, odd_at_size, scale_to_size
+from ..config import PostConfig, odd_at_size, scale_to_size
 from .patchmatch import patch_distance, patchmatch, vote
 
 LAB_L_MAX = 100.0  # L* range of CIE-Lab (colorspace.m, kornia rgb_to_lab): L* / 100 is a [0, 1] luminance guide

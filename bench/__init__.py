@@ -1,10 +1,10 @@
 """Benchmark harness for the harmonisation core (issue 5): ``python -m bench --help``.
 
-This module holds the measuring instruments shared by the sections of ``bench.run``: a timer that synchronises the
-device around the timed call, a peak-memory meter (CUDA ``max_memory_allocated`` reset per measurement; on the CPU
-the kernel's peak RSS, reset per measurement), the machine record (load average, threads),
-and ``with_memory_format``, which gives the NCHW and NHWC (channels_last, the core's default) copies of a backbone
-that the layout comparison times. Nothing in ``harmonize_core`` imports this package.
+This module holds the measuring instruments shared by the sections of ``python -m bench`` (``bench.sections``):
+a timer that synchronises the device around the timed call, a peak-memory meter (CUDA ``max_memory_allocated``
+reset per measurement; on the CPU the kernel's peak RSS, reset per measurement), the machine record (load average,
+threads), and ``with_memory_format``, which gives the NCHW and NHWC (channels_last, the core's default) copies of a
+backbone that the layout comparison times. Nothing in ``harmonize_core`` imports this package.
 """
 
 from __future__ import annotations

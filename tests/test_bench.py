@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from harmonize_core.config import preset
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.optimisation.objective import Problem, Term
 from harmonize_core.passes import stages
+from tasks import code_digest
 
 STAGE_SIZE, RATIO_SIZE, ITERATIONS = 48, 64, 2
 SMOKE_ARGS = ["--sizes", str(STAGE_SIZE), "--iterations", str(ITERATIONS), "--ratio-size", str(RATIO_SIZE),
@@ -226,3 +228,16 @@ def test_a_phase_that_never_reports_or_is_not_declared_fails_loudly(tiny_passes)
         with recording_phases(torch.device("cpu"), ()):
             with timing.phase("pass9.x"):
                 pass
+
+
+def test_the_timing_module_is_in_no_cache_key(tmp_path):
+    """A phase added or renamed, or a recorder changed, in harmonize_core/timing.py recomputes no stage."""
+    core = tmp_path / "harmonize_core"
+    shutil.copytree(code_digest.CORE_DIR, core, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest.stage_code_digests(core)
+    timing_py = core / "timing.py"
+    text = timing_py.read_text()
+    assert text.count('PHASES = ("pass1.match",') == 1 and text.count("contextlib.nullcontext()") == 1
+    timing_py.write_text(text.replace('PHASES = ("pass1.match",', 'PHASES = ("pass1.features", "pass1.match",')
+                         .replace("contextlib.nullcontext()", "contextlib.nullcontext(enter_result=None)"))
+    assert code_digest.stage_code_digests(core) == before

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracles import remap_histogram_naive, remap_histogram_searchsorted
 
 from harmonize_core.losses.histogram import (
     HistogramTarget,
@@ -15,8 +16,6 @@ from harmonize_core.losses.histogram import (
     histogram_loss_and_gradient,
     histogram_target,
     remap_histogram,
-    remap_histogram_naive,
-    remap_histogram_searchsorted,
     stable_sort_rows,
 )
 from harmonize_core.losses.terms import histogram_loss

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import nearest_patches_bruteforce
 
 from harmonize_core.images import decode_image, decode_mask, read_bytes
-from harmonize_core.postprocess.patchmatch import nearest_patches_bruteforce, patch_distance, patchmatch, vote
+from harmonize_core.postprocess.patchmatch import patch_distance, patchmatch, vote
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "dph-cases"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -17,18 +17,14 @@ import torch
 
 from harmonize_core.config import HarmonizeConfig
 from harmonize_core.errors import WeightsUnavailableError
-from harmonize_core.losses.histogram import histogram_target, remap_histogram, remap_histogram_naive
-from harmonize_core.matching.nearest import (
-    normalized_sum_match,
-    normalized_sum_match_full,
-    patch_cosine_match,
-    patch_cosine_match_full,
-)
+from harmonize_core.losses.histogram import histogram_target, remap_histogram
+from harmonize_core.matching.nearest import normalized_sum_match, patch_cosine_match
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.passes import stages
 from harmonize_core.passes.masks import dilate_mask
 from harmonize_core.passes.pass1 import layer_masks
 from harmonize_core.passes.pass2 import HIST_MASK_THRESHOLD, consistent_used_sets
+from tests.oracles import normalized_sum_match_full, patch_cosine_match_full, remap_histogram_naive
 
 from .. import MIB, PeakMemory, best_of, timed
 from ..common import STAGE_WEIGHTS, Item, Options, load_bench_item, stage_config

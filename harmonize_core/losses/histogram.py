@@ -198,19 +198,6 @@ def remap_histogram(feat: torch.Tensor, query: torch.Tensor, target: HistogramTa
 
 
 @torch.no_grad()
-def remap_histogram_searchsorted(feat: torch.Tensor, query: torch.Tensor, target: HistogramTarget) -> torch.Tensor:
-    """Return the same R as ``remap_histogram`` with each rank's bin found by binary search (``searchsorted``
-    on the channel's cumsum, as the kernel does; the form ``remap_histogram`` used before ``bin_of_rank``).
-    A test oracle."""
-    _check_remap(feat, query, target)
-    values = feat.detach()[:, query].to(target.cum.dtype)
-    _, order = values.sort(dim=1, stable=True)
-    rank = torch.arange(values.shape[1], dtype=values.dtype, device=values.device).expand_as(values).contiguous()
-    bin_index = torch.searchsorted(target.cum.contiguous(), rank, right=True).clamp_(max=target.bins - 1)
-    return _scatter_back(feat, query, order, _remapped_values(bin_index, rank, target))
-
-
-@torch.no_grad()
 def histogram_loss_and_gradient(features: torch.Tensor, query: torch.Tensor, target: HistogramTarget,
                                 count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (loss, d loss / d features at the ``query`` positions as ``(n, C)`` rows in raster order)
@@ -233,21 +220,3 @@ def histogram_loss_and_gradient(features: torch.Tensor, query: torch.Tensor, tar
     loss = torch.linalg.vector_norm(diff) ** 2 / count
     return loss, diff.t().mul_(2.0 / count)
 
-
-@torch.no_grad()
-def remap_histogram_naive(feat: torch.Tensor, query: torch.Tensor, target: HistogramTarget) -> torch.Tensor:
-    """Return the same R as ``remap_histogram`` ``(C, H, W)``, finding each rank's bin by comparing it with every
-    bin's cumulative count (O(n x bins) per channel, the widely copied blog form but reading each channel's own
-    histogram). For benchmarks and as a test oracle.
-
-    >>> target = histogram_target(torch.rand(4, 6, 5), torch.ones(6, 5, dtype=torch.bool), n_query=12)
-    >>> remap_histogram_naive(torch.rand(4, 3, 4), torch.ones(3, 4, dtype=torch.bool), target).shape
-    torch.Size([4, 3, 4])
-    """
-    _check_remap(feat, query, target)
-    values = feat.detach()[:, query].to(target.cum.dtype)
-    _, order = values.sort(dim=1, stable=True)
-    rank = torch.arange(values.shape[1], dtype=values.dtype, device=values.device)
-    bin_index = torch.stack([(cum[None, :] <= rank[:, None]).sum(1) for cum in target.cum])
-    bin_index = bin_index.clamp_(max=target.bins - 1)
-    return _scatter_back(feat, query, order, _remapped_values(bin_index, rank.expand_as(values), target))

@@ -9,7 +9,7 @@ The brute-force matches never build the positions x positions score matrix. Quer
 matrix and per-pair temporaries fit ``budget_bytes``. Each chunk's window dot products come from one product of the
 chunk's neighbourhood features with the style map, shifted and summed over the window offsets: about 9x fewer
 multiply-adds than a product of unfolded 3x3 patches, and exact (offsets outside either map add zero). The
-``*_full`` variants keep the reference's full-matrix form, for tests and benchmarks.
+full-matrix forms of the reference kernels are test oracles, in ``tests/oracles.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ INDEX_BYTES = 8  # int64 indices
 # Per window neighbour of a query row, besides its gathered feature column: index bookkeeping (offset coordinates,
 # slots, torch.unique's sort buffers), measured below 100 bytes with torch.profiler.
 NEIGHBOUR_INDEX_BYTES = 160
-FULL_SLAB_PAIRS = 2**24  # pairs per slab when the *_full forms turn the full score matrix into scores
 
 Extent = tuple[int, int]  # (lo, hi): window offsets lo..hi along one axis stay inside the map
 
@@ -279,63 +278,6 @@ def patch_cosine_match(content: torch.Tensor, style: torch.Tensor, query: torch.
     return result.view(height, width)
 
 
-def _unfold(feat: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``(C * k * k, H * W)`` zero-padded patches."""
-    return F.unfold(feat[None], patch_size, padding=patch_size // 2)[0]
-
-
-def _box_tables(feat: torch.Tensor, radius: int) -> torch.Tensor:
-    """``(E * E, H * W)`` patch norms for every box id ``ybox_id * E + xbox_id`` (E = (r + 1)^2 extents)."""
-    norms = _BoxNorms(feat, radius)
-    extents = [_decode_extent(i, radius) for i in range((radius + 1) ** 2)]
-    return torch.stack([norms(ybox, xbox).flatten() for ybox in extents for xbox in extents])
-
-
-def _intersect_table(radius: int, device: torch.device) -> torch.Tensor:
-    """``(E, E)`` extent id of the intersection of two extents given by id."""
-    n = (radius + 1) ** 2
-    table = [[0] * n for _ in range(n)]
-    for a in range(n):
-        for b in range(n):
-            lo, hi = _intersect(_decode_extent(a, radius), _decode_extent(b, radius))
-            table[a][b] = (lo + radius) * (radius + 1) + hi
-    return torch.tensor(table, device=device)
-
-
-@torch.no_grad()
-def patch_cosine_match_full(content: torch.Tensor, style: torch.Tensor, query: torch.Tensor, *,
-                            patch_size: int = 3) -> torch.Tensor:
-    """Return the same mapping as ``patch_cosine_match``, ``(H, W)`` int64 (-1 outside ``query``), the way the
-    reference kernels do it: the full ``(H*W, Hs*Ws)`` score matrix over all positions, then a row argmax
-    (cuda_utils.cu patchmatch_r L1310-1350). Memory grows with the square of the image; tests and benchmarks only.
-    Norm boxes are looked up per pair, in slabs of rows, from the extents of p and q.
-
-    >>> patch_cosine_match_full(torch.rand(4, 5, 6), torch.rand(4, 6, 5), torch.ones(5, 6, dtype=torch.bool)).shape
-    torch.Size([5, 6])
-    """
-    _check_maps(content, style, query, patch_size)
-    radius = patch_size // 2
-    (_, height, width), (_, style_h, style_w) = content.shape, style.shape
-    scores = _unfold(content, patch_size).T @ _unfold(style, patch_size)
-    norms_p, norms_q = _box_tables(content, radius), _box_tables(style, radius)
-    intersect = _intersect_table(radius, content.device)
-    n_extents = (radius + 1) ** 2
-    p = torch.arange(height * width, device=content.device)
-    q = torch.arange(style_h * style_w, device=content.device)
-    ey_p, ex_p = _extent_ids(p // width, height, radius), _extent_ids(p % width, width, radius)
-    ey_q, ex_q = _extent_ids(q // style_w, style_h, radius), _extent_ids(q % style_w, style_w, radius)
-    for part in p.split(max(1, FULL_SLAB_PAIRS // q.numel())):
-        box = intersect[ey_p[part][:, None], ey_q[None]] * n_extents + intersect[ex_p[part][:, None], ex_q[None]]
-        den = norms_p[:, part].T.gather(1, box) * norms_q.gather(0, box) + COSINE_EPS
-        scores[part] /= den
-    return _argmax_on_query(scores, query)
-
-
-def _argmax_on_query(scores: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    best = scores.argmax(1)
-    return torch.where(query.flatten(), best, torch.full_like(best, -1)).view(query.shape)
-
-
 def gather_targets(style: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Return ``(C, H, W)`` ``style[:, index]``: the centre feature vector of each match, zeros where index is -1
     (the matched target M_l of pass 1, patchmatch_r_argmax_kernel L1340-1342).
@@ -386,32 +328,6 @@ def normalized_sum_match(A: torch.Tensor, BP: torch.Tensor, query: torch.Tensor,
         _apply_border_rule(dots, part, (height, width), radius)
         result[part] = dots.view(part.numel(), -1).argmax(1)
     return result.view(height, width)
-
-
-@torch.no_grad()
-def normalized_sum_match_full(A: torch.Tensor, BP: torch.Tensor, query: torch.Tensor, *,
-                              patch_size: int = 3) -> torch.Tensor:
-    """Return the same mapping as ``normalized_sum_match`` (``(H, W)`` int64, -1 outside ``query``) from the full
-    ``(H*W, Hs*Ws)`` score matrix with the border rule applied per pair, as the reference kernels do
-    (cuda_utils.cu patchmatch_conv_kernel + patchmatch_argmax_kernel). Tests and benchmarks only.
-
-    >>> normalized_sum_match_full(torch.rand(4, 5, 6), torch.rand(4, 6, 5), torch.ones(5, 6, dtype=torch.bool)).shape
-    torch.Size([5, 6])
-    """
-    _check_maps(A, BP, query, patch_size)
-    radius = patch_size // 2
-    (_, height, width), (_, style_h, style_w) = A.shape, BP.shape
-    scores = _unfold(_normalize(A), patch_size).T @ _unfold(_normalize(BP), patch_size)
-    p = torch.arange(height * width, device=A.device)
-    q = torch.arange(style_h * style_w, device=A.device)
-    yp, xp, yq, xq = p // width, p % width, q // style_w, q % style_w
-    for part in p.split(max(1, FULL_SLAB_PAIRS // q.numel())):
-        skip = ((xq[None] < radius) & ~(xp[part, None] < radius)) \
-            | ((xq[None] > style_w - 1 - radius) & ~(xp[part, None] > width - 1 - radius)) \
-            | ((yq[None] < radius) & ~(yp[part, None] < radius)) \
-            | ((yq[None] > style_h - 1 - radius) & ~(yp[part, None] > height - 1 - radius))
-        scores[part] = scores[part].masked_fill(skip, float("-inf"))
-    return _argmax_on_query(scores, query)
 
 
 # ------------------------------------------------------------------------------ pass 2 consistency

@@ -109,31 +109,6 @@ def vote(source: torch.Tensor, nnf: torch.Tensor, region: torch.Tensor, patch_si
     return mean.view(1, -1, height, width)
 
 
-def nearest_patches_bruteforce(
-    query: torch.Tensor, source: torch.Tensor, query_mask: torch.Tensor, patch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the exact nearest-neighbour field (H, W, 2) int64 and its distances (H, W) float32, by exhaustive search.
-
-    Same conventions as ``patchmatch``; ties keep the first source centre in raster order. For tests on small images:
-    memory grows as (queried pixels) x (source centres).
-    """
-    _check_inputs(query, source, query_mask, patch_size)
-    ys, xs = query_mask.nonzero(as_tuple=True)
-    patches = _query_patches(query, ys, xs, patch_size).double()
-    radius, cols = patch_size // 2, source.shape[-1] - patch_size + 1
-    candidates = F.unfold(source.double(), patch_size)[0].T  # (centres, C * P^2), raster order of centres
-    candidates = candidates.view(candidates.shape[0], source.shape[1], -1).transpose(1, 2).flatten(1)
-    norms = candidates.square().sum(1)
-    step = max(1, _chunk_elements(source.device) // candidates.shape[0])
-    best = torch.cat([
-        (norms - 2 * chunk @ candidates.T).argmin(dim=1) for chunk in patches.split(step)
-    ]) if ys.numel() else ys
-    centres = torch.stack([best // cols + radius, best % cols + radius], dim=1)
-    nnf = torch.full((*query_mask.shape, 2), UNMATCHED, dtype=torch.long, device=query.device)
-    nnf[ys, xs] = centres
-    return nnf, patch_distance(query, source, nnf, patch_size)
-
-
 def _check_inputs(query: torch.Tensor, source: torch.Tensor, query_mask: torch.Tensor, patch_size: int) -> None:
     if query.dim() != 4 or source.dim() != 4 or query.shape[:2] != source.shape[:2] or query.shape[0] != 1:
         raise ValueError(f"query and source must be (1, C, H, W) with the same C, got {tuple(query.shape)} "

@@ -68,26 +68,17 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Pass1Config:
-    """Robust coarse harmonisation (neural_gram.lua)."""
+class OptimiserConfig:
+    """The settings both passes share: their L-BFGS run, its memory and time limits, and early stopping. Each pass
+    states its own ``iterations`` and ``learning_rate`` (the authors' values differ); the dotted names stay
+    ``pass1.<field>`` and ``pass2.<field>``."""
 
-    iterations: int = field(default=1000, metadata={"help": "L-BFGS iterations (neural_gram.lua L182-186)"})
-    content_layer: str = field(default="relu4_1", metadata={"help": "neural_gram.lua L47"})
-    style_layers: tuple[str, ...] = field(
-        default=("relu3_1", "relu4_1", "relu5_1"), metadata={"help": "neural_gram.lua L48"}
-    )
-    content_weight: float = field(default=5.0, metadata={"help": "neural_gram.lua L23"})
-    style_weight: float = field(default=100.0, metadata={"help": "per style layer (neural_gram.lua L24)"})
-    tv_weight: float = field(default=1e-3, metadata={"help": "gradient-only TV (neural_gram.lua L25)"})
-    learning_rate: float = field(default=1.0, metadata={"help": "optim.lbfgs default (neural_gram.lua L182)"})
+    iterations: int
+    learning_rate: float
     history_size: int = field(default=100, metadata={"help": "L-BFGS nCorrection; also a memory knob"})
-    tolerance_grad: float = field(
-        default=1e-5, metadata={"help": "optim.lbfgs tolFun (torch tests max|g|, Torch7 sum|g|)"}
-    )
-    tolerance_change: float = field(default=1e-9, metadata={"help": "optim.lbfgs tolX"})
-    patch_size: int = field(default=3, metadata={"help": "matching patch (neural_gram.lua L51)"})
     match_budget_mb: int = field(
-        default=512, metadata={"help": "peak extra memory of the chunked nearest-neighbour match", "runtime": True}
+        default=512,
+        metadata={"help": "peak extra memory of the pass's nearest-neighbour match (relu4_1 in pass 2)", "runtime": True},
     )
     log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations", "runtime": True})
     max_seconds: float = field(
@@ -105,10 +96,31 @@ class Pass1Config:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Pass2Config:
+class Pass1Config(OptimiserConfig):
+    """Robust coarse harmonisation (neural_gram.lua)."""
+
+    iterations: int = field(default=1000, metadata={"help": "L-BFGS iterations (neural_gram.lua L182-186)"})
+    learning_rate: float = field(default=1.0, metadata={"help": "optim.lbfgs default (neural_gram.lua L182)"})
+    content_layer: str = field(default="relu4_1", metadata={"help": "neural_gram.lua L47"})
+    style_layers: tuple[str, ...] = field(
+        default=("relu3_1", "relu4_1", "relu5_1"), metadata={"help": "neural_gram.lua L48"}
+    )
+    content_weight: float = field(default=5.0, metadata={"help": "neural_gram.lua L23"})
+    style_weight: float = field(default=100.0, metadata={"help": "per style layer (neural_gram.lua L24)"})
+    tv_weight: float = field(default=1e-3, metadata={"help": "gradient-only TV (neural_gram.lua L25)"})
+    tolerance_grad: float = field(
+        default=1e-5, metadata={"help": "optim.lbfgs tolFun (torch tests max|g|, Torch7 sum|g|)"}
+    )
+    tolerance_change: float = field(default=1e-9, metadata={"help": "optim.lbfgs tolX"})
+    patch_size: int = field(default=3, metadata={"help": "matching patch (neural_gram.lua L51)"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass2Config(OptimiserConfig):
     """High-quality refinement (neural_paint.lua)."""
 
     iterations: int = field(default=1000, metadata={"help": "L-BFGS iterations (gen_all.py L37)"})
+    learning_rate: float = field(default=0.1, metadata={"help": "neural_paint.lua L26"})
     content_layer: str = field(default="relu4_1", metadata={"help": "neural_paint.lua L63-66"})
     style_layers: tuple[str, ...] = field(
         default=("relu1_1", "relu2_1", "relu3_1", "relu4_1"), metadata={"help": "neural_paint.lua L63-66"}
@@ -120,27 +132,9 @@ class Pass2Config:
         metadata={"help": "style weight: a number, 'auto' (estimated from the painting) or none for 5"},
     )
     content_weight: float = field(default=1.0, metadata={"help": "neural_paint.lua L506"})
-    learning_rate: float = field(default=0.1, metadata={"help": "neural_paint.lua L26"})
-    history_size: int = field(default=100, metadata={"help": "L-BFGS nCorrection; also a memory knob"})
     refine_size: int = field(default=5, metadata={"help": "consistency window (neural_paint.lua L47)"})
     ring_radius: int = field(default=1, metadata={"help": "used-style set ring (neural_paint.lua L50)"})
     hist_bins: int = field(default=256, metadata={"help": "cuda_utils.cu L23"})
-    match_budget_mb: int = field(
-        default=512, metadata={"help": "peak extra memory of the relu4_1 match", "runtime": True}
-    )
-    log_every: int = field(default=50, metadata={"help": "record the loss curve every N iterations", "runtime": True})
-    max_seconds: float = field(
-        default=0.0,
-        metadata={"help": "wall-clock limit of the optimisation, checked every iteration (0 = none)", "runtime": True},
-    )
-    stop_levels: float = field(
-        default=0.0,
-        metadata={"help": "early stop: end the pass when the image moves less than this (mean 8-bit levels over the "
-                          "loose mask between checks) stop_patience checks in a row; 0 = off (ours, not the authors': "
-                          "they run every iteration; docs/quality.md 'Iteration study')"},
-    )
-    stop_every: int = field(default=50, metadata={"help": "early stop: evaluations between checks (ours)"})
-    stop_patience: int = field(default=2, metadata={"help": "early stop: quiet checks in a row that stop (ours)"})
 
 
 @dataclass(frozen=True, kw_only=True)

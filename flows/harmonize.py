@@ -82,10 +82,10 @@ def check_report(report: ValidationReport, strict: bool) -> None:
 
 def manifest_ids(manifest: str) -> set[str] | None:
     """Return every id in the manifest (valid rows or not), or None when it cannot be read again."""
-    from manifests.validate import read_rows
+    from manifests.validate import read_manifest
 
     try:
-        return {row.get("id", "") for row in read_rows(manifest)[1]}
+        return {row.get("id", "") for row in read_manifest(manifest)[1]}
     except Exception:  # noqa: BLE001 - only status.csv's left_manifest marks depend on it
         return None
 

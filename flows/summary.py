@@ -128,7 +128,7 @@ def write_row(out: str, run_id: str, row: dict[str, Any]) -> str:
     return uri
 
 
-def read_rows(out: str, run_id: str) -> list[dict[str, Any]]:
+def read_finished_rows(out: str, run_id: str) -> list[dict[str, Any]]:
     """Return every finished row written under ``<out>/runs/<run_id>/items/`` (any order)."""
     prefix = storage.run_uri(out, run_id, storage.ROWS_DIR)
     return [json.loads(storage.read_bytes(uri)) for uri in storage.list_uris(prefix) if uri.endswith(".json")]
@@ -209,7 +209,7 @@ def rebuild_summary(out: str, run_id: str) -> tuple[RunState, list[dict[str, Any
     """
     state = run_state(out, run_id)
     summary_uri = storage.run_uri(out, run_id, SUMMARY_NAME)
-    rows: list[dict[str, Any]] = read_rows(out, run_id)
+    rows: list[dict[str, Any]] = read_finished_rows(out, run_id)
     if not rows and not state.recorded:  # an old run killed before its first row: its last summary is all there is
         return state, read_summary_or_empty(summary_uri)
     known = {(str(r.get("id") or ""), str(r.get("variant") or "")) for r in rows}

@@ -17,7 +17,7 @@ from .schema import (
     resolve_tau_variants,
     tau_label,
 )
-from .validate import ValidationReport, read_rows, validate_manifest
+from .validate import ValidationReport, read_manifest, validate_manifest
 
 __all__ = [
     "COLUMNS",
@@ -32,7 +32,7 @@ __all__ = [
     "ValidationReport",
     "check_run_settings",
     "parse_tau_list",
-    "read_rows",
+    "read_manifest",
     "resolve_config",
     "resolve_tau_variants",
     "tau_label",

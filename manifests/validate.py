@@ -169,7 +169,7 @@ class ValidationReport:
                 "or see the run's summary.csv, which lists every invalid row")
 
 
-def read_rows(uri: str) -> tuple[list[str], list[dict[str, str]]]:
+def read_manifest(uri: str) -> tuple[list[str], list[dict[str, str]]]:
     """Return (column names, rows as {column: cell}) of the CSV at ``uri``; ``InputError`` if unusable.
 
     Known column names are normalised (case, surrounding spaces) and their cells stripped; unknown columns keep
@@ -230,7 +230,7 @@ def validate_manifest(uri: str, run: RunSettings | None = None, only_ids: set[st
     """
     run = run or RunSettings()
     max_pixels(), max_input_bytes()  # a bad limit setting is one InputError here, not an error on every file
-    columns, rows = read_rows(uri)
+    columns, rows = read_manifest(uri)
     report = ValidationReport(manifest=uri, row_count=len(rows))
     report.extra_columns = list(dict.fromkeys(c for c in columns if c not in COLUMNS))
     report.extras = {FIRST_DATA_ROW + i: {c: _cut(r[c], cell_limit(c)) for c in report.extra_columns}

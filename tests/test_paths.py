@@ -190,7 +190,7 @@ def test_a_shard_that_cannot_see_the_output_folder_fails_in_one_line_and_compute
 
 def test_a_shard_fails_each_item_whose_inputs_this_worker_cannot_see(prefect_api, tmp_path, monkeypatch):
     from flows.shard import harmonize_shard
-    from flows.summary import read_rows
+    from flows.summary import read_finished_rows
 
     monkeypatch.setenv("HARMONIZE_WORKER_NAME", "box-gpu0")
     out = str(tmp_path / "out")
@@ -199,7 +199,7 @@ def test_a_shard_fails_each_item_whose_inputs_this_worker_cannot_see(prefect_api
     missing = tmp_path / "on-the-coordinator" / "c.png"
     done = harmonize_shard(items=[shard_item(str(missing))], out=out, backbone={}, run_id="run-1", device="cpu")
     assert done == {"items": 1, "rows": 1, "failed": 1}
-    [row] = read_rows(out, "run-1")
+    [row] = read_finished_rows(out, "run-1")
     assert row["status"] == "failed" and row["worker"] == "box-gpu0"
     assert row["error"].startswith(f"content {missing} is not on this worker (") and row["error"].endswith(
         f"): the workers must see the manifest's input files at the same paths; {SHARED_HINT}")

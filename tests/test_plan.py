@@ -174,7 +174,7 @@ def test_a_run_ends_with_its_report_and_status_and_only_failed_takes_status_csv(
 
 
 def test_a_killed_runs_finished_rows_rebuild_its_summary_and_report(prefect_api, tiny_manifest, tmp_path, capsys):
-    from flows.summary import read_rows
+    from flows.summary import read_finished_rows
     from tasks import storage
 
     out = tmp_path / "out"
@@ -183,7 +183,7 @@ def test_a_killed_runs_finished_rows_rebuild_its_summary_and_report(prefect_api,
     summary = Path(result["summary"])
     summary.unlink()  # as if the coordinator died before writing its summary: only the rows remain
     (summary.parent / "report.html").unlink()
-    assert {r["id"] for r in read_rows(str(out), run_id)} == {"a", "b"}
+    assert {r["id"] for r in read_finished_rows(str(out), run_id)} == {"a", "b"}
     assert main(["report", "--out", str(out), "--run", run_id]) == 0
     assert capsys.readouterr().out.strip() == str(summary.parent / "report.html")
     assert {r["id"]: r["status"] for r in read_summary(str(summary))} == {"a": "completed", "b": "completed"}

@@ -2,8 +2,9 @@
 
 Full-matrix vs chunked masked matching (relu3_1), unmasked vs masked matching, the O(n x bins) histogram remap vs
 sort + linear bin count (relu1_1), and pass 2's full vs chunked relu4_1 match. Each row checks that both forms
-give the same result and reads PASS/FAIL against issue 5's bars. The naive forms are the test oracles in
-``harmonize_core`` (the reference's own algorithm), called through their public names.
+give the same result and reads PASS/FAIL against issue 5's bars. The naive forms are the test oracles of
+``tests/oracles.py`` (the reference's own algorithm; ``python -m bench`` runs from the repository root), ours the
+core's public functions.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ shared/dph-cases folder beside the repository)
 
 Reads ``N_target.jpg`` (the painting) and ``wikiart_output.txt`` (the authors' tau for case N), computes log10(mtv)
 of each painting at 700 px, fits the two constants of ``tau_from_log_mtv`` on all cases (the values to paste into
-tau.py), then reports leave-one-out figures: level agreement (nearest of 1/5/10), the per-level confusion matrix
+harmonize_core/passes/tau.py), then reports leave-one-out figures: level agreement (nearest of 1/5/10), the per-level confusion matrix
 and the mean absolute error, next to the constant baseline "always 5". The figures in docs/tau.md come from here.
 """
 

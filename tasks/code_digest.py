@@ -16,7 +16,7 @@ the code does counts.
   definition that only reports (progress events, metrics records) says so with ``REPORTING_ONLY = True`` (the
   whole module) or ``REPORTING_ONLY = ("Name", ...)``; the walk does not enter it.
 
-So an upgrade that changes the computation of a stage (say ``pass2.py`` or ``losses.py``) changes that stage's digest
+So an upgrade that changes the computation of a stage (say ``passes/pass2.py`` or ``losses/terms.py``) changes that stage's digest
 and only that one (the later stages' keys change through its new output's digest when its pixels change); a change
 to the pipeline layer (``tasks/``, ``flows/``, ``manifests/``), to the CLI or the report, or a docstring, comment or
 module move, changes none. The normalised form is written out field by field (not ``ast.dump``, whose text differs

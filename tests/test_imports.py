@@ -22,7 +22,8 @@ PACKAGES = ("harmonize_core", "tasks", "flows", "manifests")
 CORE = "harmonize_core"
 # package -> top-level names it must never import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "harmonize_core": ("prefect", "prefect_aws", "boto3", "botocore", "pandas", "flows", "tasks", "manifests"),
+    "harmonize_core": ("prefect", "prefect_aws", "boto3", "botocore", "pandas", "flows", "tasks", "manifests", "tests",
+                       "bench"),  # the test oracles (tests/oracles.py) stay out of the product
     "tasks": ("flows",),
     "manifests": ("flows",),
 }
@@ -191,6 +192,17 @@ def test_no_import_cycles(project):
 
 def test_no_upward_imports(project):
     assert upward_imports(project[1]) == []
+
+
+def test_the_weights_registry_never_reaches_the_network(project):
+    graph = import_graph(*project)
+    reached, todo = set(), ["harmonize_core.network.weights"]
+    while todo:
+        for target in graph[todo.pop()] - reached:
+            reached.add(target)
+            todo.append(target)
+    assert reached == {"harmonize_core.errors", "harmonize_core.network.architecture",
+                       "harmonize_core.network.preprocessing", "harmonize_core.network.weights_cache"}
 
 
 def test_the_core_imports_at_module_level_unless_it_says_why(project):

@@ -176,7 +176,7 @@ def test_reference_cases_rank_naive_post_processed_and_erased(case):
     """The reconstruction stage alone on the composite (patch synthesis from the painting: a cheap, real
     harmonisation) is nearer the painting's style than the composite and keeps far more structure than erasing."""
     from harmonize_core import load_item
-    from harmonize_core.postprocess import reconstruct as post_process
+    from harmonize_core.postprocess.reconstruct import reconstruct as post_process
 
     content, style, mask = load_item(*(CASES / f"{case}_{name}.jpg" for name in ("naive", "target", "c_mask")))
     content, style = (quantize(to_working_size(image, REFERENCE_SIZE)) for image in (content, style))

@@ -32,7 +32,8 @@ from pathlib import Path
 from harmonize_core.errors import InputError
 from tasks.gpu import STATE_DIR_ENV, STICKY_MARKER, WORKER_NAME_ENV
 
-from .deploy import COORDINATOR_QUEUE, SHARD_QUEUE, heartbeat_env, require_api
+from .deploy import heartbeat_env, require_api
+from .settings import COORDINATOR_QUEUE, SHARD_QUEUE
 
 RESTART_DELAY_SECONDS = 10.0
 POLL_SECONDS = 1.0

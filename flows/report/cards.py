@@ -15,20 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..run_record import UNFINISHED
-from ..summary import COMPLETED, FAILED, INVALID, QUALITY_COLUMNS
+from ..summary import COLUMNS, COMPLETED, FAILED, INVALID
 
 WARNED = "warned"  # a card's status when a completed row carries warnings (summary.csv has no such status)
 STATUS_ORDER = (FAILED, UNFINISHED, INVALID, WARNED, COMPLETED)  # the card order and the filters
 BROKEN = (FAILED, UNFINISHED, INVALID)  # a card with any row in one of these takes the first of them
 NO_ROW = 10**9  # sorts rows without a manifest row number last
 UNKNOWN_STATUS_RANK = 1.5  # a status this report does not know sorts after failed, before warned
-TIMED_STAGES = ("dilate", "pass1", "blend", "pass2", "reconstruct")
-SHARED_STAGES = ("dilate", "pass1", "blend")  # tau variants of one id share these
-CONTRACT_COLUMNS = frozenset((
-    "id", "variant", "row", "status", "error", "warnings", "cached", "worker", "tau", *QUALITY_COLUMNS,
-    *(f"{stage}_s" for stage in TIMED_STAGES), "total_s", "pass1_loss", "pass2_loss", "final_uri",
-    *(f"{stage}_uri" for stage in TIMED_STAGES), "content_uri", "style_uri", "mask_uri", "outputs",
-))
+SHARED_STAGES = ("dilate", "pass1", "blend")  # tau variants of one id share these (flows.item's, without Prefect)
+CONTRACT_COLUMNS = frozenset(COLUMNS)  # the summary's own columns; any other is an extra manifest column
 
 
 @dataclass

@@ -59,11 +59,16 @@ def run_flow(manifest: str, out: str, args: argparse.Namespace, only_ids: list[s
     if isinstance(result, HarmonizeError):
         raise result
     if isinstance(result, ItemsFailed):
-        broken = [row for row in result.rows if row["status"] != "completed"]
+        # invalid rows were listed (bounded) when the run validated the manifest: count them here, never again
+        broken = [row for row in result.rows if row["status"] not in ("completed", "invalid")]
+        invalid = sum(1 for row in result.rows if row["status"] == "invalid")
         for row in broken[:PRINTED_PROBLEMS]:
             print(f"{row['status']}: {row['id'] or 'row ' + str(row['row'])}: {row['error']}", file=sys.stderr)
         if len(broken) > PRINTED_PROBLEMS:
             print(f"... and {len(broken) - PRINTED_PROBLEMS:,} more (all in the summary and the report)", file=sys.stderr)
+        if invalid:
+            print(f"{invalid:,} invalid row(s), listed above when the manifest was validated; every one is in the "
+                  "summary", file=sys.stderr)
         print(f"{result} ({seconds:.0f} s); rerun them with --only-failed {result.summary_uri}", file=sys.stderr)
         if result.report_uri:
             print(f"report: {result.report_uri}", file=sys.stderr)

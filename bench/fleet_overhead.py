@@ -112,7 +112,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("/tmp/fleet-bench"))
     args = parser.parse_args()
-    from harmonize_core.demo_data import write_demo
+    from manifests.demo import write_demo
 
     args.out.mkdir(parents=True, exist_ok=True)
     ids = tuple(f"b{n}" for n in range(args.items))

@@ -82,7 +82,7 @@ def s3(s3_endpoint):
 
 def make_dataset(folder: Path, ids: tuple[str, ...] = ("a", "b"), overrides: dict[str, str] | None = None) -> Path:
     """Write tiny demo items (``TINY_SIZE`` px, 3 iterations per pass) and their manifest; return its path."""
-    from harmonize_core.demo_data import write_demo
+    from manifests.demo import write_demo
 
     return write_demo(folder, ids=ids, size=TINY_SIZE, overrides=TINY_OVERRIDES if overrides is None else overrides)
 

@@ -9,7 +9,7 @@ import pytest
 
 from flows.cli.main import main
 from flows.summary import read_summary
-from harmonize_core.demo_data import DEMO_IDS, DEMO_STRUCTURE_MIN
+from manifests.demo import DEMO_IDS, DEMO_STRUCTURE_MIN
 
 pytestmark = pytest.mark.slow
 

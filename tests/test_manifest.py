@@ -11,7 +11,7 @@ from conftest import TINY_SIZE, make_dataset
 
 from harmonize_core import demo_data
 from harmonize_core.errors import InputError
-from manifests import RunSettings, validate_manifest
+from manifests import RunSettings, demo, validate_manifest
 
 HEADER = "id,content,style,mask,tau,size,pass1_iters,pass2_iters,preset,notes"
 
@@ -168,7 +168,7 @@ def test_manifest_on_s3_resolves_paths_against_its_prefix(s3, tmp_path):
 
 def test_example_manifest_is_what_the_demo_writes():
     example = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "demo.csv"
-    assert example.read_text() == demo_data.manifest_text(demo_data.manifest_rows())
+    assert example.read_text() == demo.manifest_text(demo.manifest_rows())
 
 
 def test_a_rows_preset_never_switches_the_runs_backbone():

@@ -18,7 +18,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     The demo manifest carries ``DEMO_OVERRIDES`` (size, iterations) in its cells; ``--size``/``--pass1-iters``/
     ``--pass2-iters``/``--tau`` given here are written into those cells instead of applying run-wide.
     """
-    from harmonize_core.demo_data import DEMO_OVERRIDES, write_demo
+    from manifests.demo import DEMO_OVERRIDES, write_demo
     from tasks import storage
 
     from ..report.build import latest_run, page_uri

@@ -22,6 +22,7 @@ from harmonize_core.io import load_item
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.passes import stages
 from harmonize_core.passes.pass1 import pass1_problem
+from tasks.weights_fetch import fetch_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = "8"  # 564x700, tight mask 14% of the image: above the cases' median (6%), so masking gains less
@@ -144,6 +145,7 @@ def pass1_setup(options: Options, size: int, arch: str, weights: str, **extra: A
                                                                                                HarmonizeConfig]:
     """Return (pass 1's ``Problem``, its start image, the config) for the bench item at ``size`` on ``arch``."""
     config = stage_config(size, options.iterations, arch, weights, **extra)
+    fetch_weights(weights, arch)  # the default network: fetched once per machine
     backbone = load_backbone(arch, weights, device=options.device)
     item = load_bench_item(options.case, size)
     inputs = stages.prepare_inputs(item.content, item.style, item.mask, config)

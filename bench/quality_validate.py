@@ -62,8 +62,10 @@ def run_cases(folder: Path, out: Path, size: int, iters: int, only: set[int] | N
     from harmonize_core import harmonize, load_item, preset, save_outputs
     from harmonize_core.network.vgg import load_backbone
     from harmonize_core.passes.stages import prepare_inputs
+    from tasks.weights_fetch import fetch_weights
 
     config = preset("quick").replace(**{"sizing.size": size, "pass1.iterations": iters, "pass2.iterations": iters})
+    fetch_weights(config.backbone.weights, config.backbone.name)  # the default network: fetched once per machine
     backbone = load_backbone(config.backbone.name, config.backbone.weights, device="cpu",
                              ceil_mode=config.backbone.ceil_mode)
     for index, genre, tau in read_cases(folder):

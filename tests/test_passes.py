@@ -17,6 +17,7 @@ from harmonize_core.passes.masks import feather_mask
 from harmonize_core.passes.pass1 import pass1_problem
 from harmonize_core.passes.pass2 import pass2_problem
 from harmonize_core.passes.stages import blend, dilate, harmonize, pass1, pass2, prepare_inputs
+from tasks.weights_fetch import fetch_weights
 
 
 def _item(height=48, width=64):
@@ -35,6 +36,7 @@ def _item(height=48, width=64):
 
 @pytest.fixture(scope="module")
 def backbone():
+    fetch_weights()  # the default network's weights, fetched and converted once per machine
     return load_backbone("vgg16", "offline-vgg16", device="cpu")
 
 

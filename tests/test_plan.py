@@ -19,7 +19,7 @@ from harmonize_core.network import vgg
 from harmonize_core.network import weights as weights_module
 from harmonize_core.passes.stages import STAGES
 from manifests import RunSettings, validate_manifest
-from tasks import backbones, caching, code_digest
+from tasks import backbones, caching, code_digest, weights_fetch
 from tasks.backbones import backbone_spec
 
 FLAGS = ["--backbone", TEST_BACKBONE, "--weights", TEST_WEIGHTS, "--device", "cpu"]
@@ -102,10 +102,11 @@ def test_a_plan_on_a_new_output_folder_loads_no_network(tiny_manifest, tmp_path,
     torch_home, cache = tmp_path / "torch", tmp_path / "weights-cache"
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv(weights_module.CACHE_DIR_ENV, str(cache))
-    for name in (weights_module.OFFLINE_WHEEL_ENV, weights_module.CAFFE_VGG19_ENV):
+    for name in (weights_fetch.OFFLINE_WHEEL_ENV, weights_module.CAFFE_VGG19_ENV):
         monkeypatch.delenv(name, raising=False)
     for owner, name in ((weights_module, "load_state_dict"), (vgg, "load_backbone"), (backbones, "load_backbone"),
-                        (vgg.VGGFeatures, "__init__"), (weights_module.subprocess, "run"),
+                        (vgg.VGGFeatures, "__init__"), (weights_fetch.subprocess, "run"),
+                        (weights_fetch, "fetch_weights"), (backbones, "fetch_weights"),
                         (torch.hub, "download_url_to_file")):
         monkeypatch.setattr(owner, name, refuse)
     out = tmp_path / "new-out"

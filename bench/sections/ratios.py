@@ -25,6 +25,7 @@ from harmonize_core.passes import stages
 from harmonize_core.passes.masks import dilate_mask
 from harmonize_core.passes.pass1 import layer_masks
 from harmonize_core.passes.pass2 import HIST_MASK_THRESHOLD, consistent_used_sets
+from tasks.weights_fetch import fetch_weights
 from tests.oracles import normalized_sum_match_full, patch_cosine_match_full, remap_histogram_naive
 
 from .. import MIB, PeakMemory, best_of, timed
@@ -113,6 +114,7 @@ def run_ratios(options: Options) -> list[Ratio]:
     device, size, repeats = options.device, options.ratio_size, options.repeats
     config = stage_config(size, 0, options.ratio_arch, options.ratio_weights)
     try:
+        fetch_weights(options.ratio_weights, options.ratio_arch)  # the default network: fetched once per machine
         backbone = load_backbone(options.ratio_arch, options.ratio_weights, device=device)
     except WeightsUnavailableError as exc:
         print(f"ratio weights {options.ratio_weights} unavailable ({exc}); using {STAGE_WEIGHTS}", flush=True)

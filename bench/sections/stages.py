@@ -15,6 +15,7 @@ import torch
 
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.passes import stages
+from tasks.weights_fetch import fetch_weights
 
 from .. import MIB, PeakMemory, current_memory, timed
 from ..common import (
@@ -131,6 +132,7 @@ def _end_to_end_rows(rows: list[Row], size: int) -> list[Row]:
 
 def run_stages(options: Options) -> list[Row]:
     """Return the stage rows at every size (printing each size's line as it finishes)."""
+    fetch_weights(options.weights, options.arch)  # the default network: fetched once per machine
     backbone = load_backbone(options.arch, options.weights, device=options.device)
     item = load_bench_item(options.case, max(options.sizes))
     rows: list[Row] = []

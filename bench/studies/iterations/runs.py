@@ -17,6 +17,7 @@ from harmonize_core.optimisation.lbfgs import Snapshots
 from harmonize_core.passes.pass1 import run_pass1
 from harmonize_core.passes.pass2 import run_pass2
 from harmonize_core.passes.stages import blend
+from tasks.weights_fetch import fetch_weights
 
 from .common import (
     JITTER_LEVELS,
@@ -155,6 +156,7 @@ def check(args) -> int:
     """Run ``harmonize`` with the ``fast`` preset (at the study size) on ``--cases`` and score it against the grid's
     1000 + 1000; also report the scores of the grid's snapshot at the same schedule and stop step."""
     taus = authors_taus(args.cases_dir)
+    fetch_weights("offline-vgg16", "vgg16")  # the default network: fetched once per machine
     backbone = load_backbone("vgg16", "offline-vgg16", device=args.device, ceil_mode=True)
     results = []
     for index in args.cases:

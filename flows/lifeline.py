@@ -31,7 +31,7 @@ PROC = "/proc"
 _watchdog: subprocess.Popen | None = None
 
 
-def _start_time(pid: int) -> int | None:
+def process_start_time(pid: int) -> int | None:
     """Return the start time (clock ticks since boot) of a live process, None when it is gone or a zombie."""
     try:
         with open(f"{PROC}/{pid}/stat", "rb") as stream:
@@ -80,7 +80,7 @@ def descendants(pid: int, exclude: int | None = None) -> dict[int, int]:
         child = queue.pop(0)
         if child == exclude or child in found:
             continue
-        started = _start_time(child)
+        started = process_start_time(child)
         if started is not None:
             found[child] = started
             queue.extend(_children(child))
@@ -88,7 +88,7 @@ def descendants(pid: int, exclude: int | None = None) -> dict[int, int]:
 
 
 def _alive(known: dict[int, int]) -> dict[int, int]:
-    return {pid: started for pid, started in known.items() if _start_time(pid) == started}
+    return {pid: started for pid, started in known.items() if process_start_time(pid) == started}
 
 
 def end_all(known: dict[int, int], grace: float = GRACE_SECONDS) -> dict[int, int]:

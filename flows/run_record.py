@@ -23,13 +23,14 @@ from typing import Any
 
 from tasks import storage
 
+from .lifeline import PROC, process_start_time
+
 STARTED_NAME = "started.json"
 ENDED_NAME = "ended.json"
 UNFINISHED = "unfinished"  # a planned output with no result: the run stopped (or is still running)
 FINISHED, STOPPED = "finished", "stopped"  # ended.json outcomes
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # UTC, as status.csv's ``updated``
 PLANNED_COLUMNS = ("id", "variant", "row", "tau", "warnings", "content_uri", "style_uri", "mask_uri", "outputs")
-_PROC_STARTTIME_FIELD = 19  # /proc/<pid>/stat: the 22nd field, counted after the ")" that ends the command name
 
 
 def utc_now() -> str:
@@ -153,10 +154,10 @@ def process_alive(started: dict[str, Any]) -> bool | None:
         pass  # it exists, under another user
     except OSError:
         return None
-    now = _process_started(pid)
-    if now is None:
+    if not os.path.isdir(PROC):
         return True  # no /proc to tell a reused pid or a zombie apart
-    return now == started.get("process_started") and not _is_zombie(pid)
+    now = _process_started(pid)  # None: gone or a zombie
+    return now is not None and now == started.get("process_started")
 
 
 def parse_time(text: str) -> datetime | None:
@@ -168,24 +169,9 @@ def parse_time(text: str) -> datetime | None:
 
 
 def _process_started(pid: int) -> str | None:
-    """Return the process's start time in clock ticks since boot (Linux ``/proc``), or None where unavailable."""
-    fields = _proc_stat(pid)
-    return fields[_PROC_STARTTIME_FIELD] if fields and len(fields) > _PROC_STARTTIME_FIELD else None
-
-
-def _is_zombie(pid: int) -> bool:
-    fields = _proc_stat(pid)
-    return bool(fields) and fields[0] == "Z"
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Return the fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
-            text = stream.read()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[-1].split()
+    """Return a live process's start time in clock ticks since boot, as text (Linux ``/proc``), or None."""
+    ticks = process_start_time(pid)
+    return None if ticks is None else str(ticks)
 
 
 def _read_json(uri: str) -> dict[str, Any] | None:
